@@ -1,0 +1,278 @@
+"""The prepare pipeline: run the stages in order, skip the ones whose outputs are current, report.
+
+Stages: ingest -> images -> boxes -> crops -> labels -> dataset -> splits.
+
+Resumability has two layers. Inside a stage, per-file work (downloads, crops) skips what is already on disk and
+complete, because every file is written atomically. Across stages, ``prepare_info.json`` records a fingerprint of
+each finished stage's inputs and settings; a re-run whose fingerprint matches skips the stage's work. The info file
+is rewritten (atomically) after every finished stage, so a run killed at any point resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from animl_lightning import __version__
+from animl_lightning.boxes import collect_boxes
+from animl_lightning.cct import load_cct
+from animl_lightning.classification_dataset import build_dataset_frame
+from animl_lightning.crops import make_crops
+from animl_lightning.dataset_files import (
+    CROPS_DIRNAME,
+    CSV_FILENAME,
+    LABEL_INDEX_FILENAME,
+    SPLIT_REPORT_FILENAME,
+    SPLITS_FILENAME,
+    write_classification_csv,
+    write_label_index,
+    write_splits,
+)
+from animl_lightning.demo import generate_demo_project
+from animl_lightning.files import atomic_write, atomic_write_json, remove_stale_temporaries
+from animl_lightning.images import ensure_images
+from animl_lightning.labels import apply_labels
+from animl_lightning.megadetector import load_detections
+from animl_lightning.prepare_config import PrepareSettings
+from animl_lightning.report import REPORT_FILENAME, PrepareReport
+from animl_lightning.splits import make_splits, split_report
+
+log = logging.getLogger(__name__)
+
+INFO_FILENAME = "prepare_info.json"
+STAGES = ("ingest", "images", "boxes", "crops", "labels", "dataset", "splits")
+
+
+class PrepareError(ValueError):
+    """A stage could not run on its input; the message names the stage, file, record and field."""
+
+
+@dataclass
+class StageResult:
+    """How one stage went, for the summary table."""
+
+    name: str
+    status: str  # "ran" or "skipped (current)"
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class PrepareSummary:
+    """What ``run_prepare`` did and where its outputs are."""
+
+    output_dir: Path
+    dataset: str
+    stages: list[StageResult] = field(default_factory=list)
+    split_table: pd.DataFrame | None = None
+    report: PrepareReport = field(default_factory=PrepareReport)
+
+
+def run_prepare(settings: PrepareSettings) -> PrepareSummary:
+    """Run every stage for ``settings``; see the module docstring for resume semantics."""
+    output_dir = Path(settings.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
+
+    report = PrepareReport()
+    coco_file, images_dir = _resolve_inputs(settings, output_dir)
+    dataset = settings.dataset or Path(coco_file).stem
+    summary = PrepareSummary(output_dir=output_dir, dataset=dataset, report=report)
+    info = _load_info(output_dir) if not settings.force else {}
+    previous = info.get("stages", {}) if info.get("version") == __version__ else {}
+    info = {
+        "version": __version__,
+        "dataset": dataset,
+        "coco_file": str(coco_file),
+        "images_dir": str(images_dir),
+        "detections_file": settings.detections_file,
+        "crops": {
+            "strategy": settings.crops.strategy,
+            "max_size": settings.crops.max_size,
+            "quality": settings.crops.quality,
+        },
+        "settings": dataclasses.asdict(settings),
+        "stages": dict(previous),
+    }
+    report.info.update({"dataset": dataset, "coco_file": str(coco_file), "images_dir": str(images_dir)})
+
+    @contextmanager
+    def stage(name: str) -> Iterator[StageResult]:
+        result = StageResult(name=name, status="ran", seconds=0.0)
+        start = time.perf_counter()
+        try:
+            yield result
+        except PrepareError:
+            _write_report(report, output_dir)
+            raise
+        except (ValueError, OSError) as err:
+            _write_report(report, output_dir)
+            raise PrepareError(f"{name} stage: {err}") from err
+        result.seconds = time.perf_counter() - start
+        summary.stages.append(result)
+        log.info("stage %s: %s in %.1fs %s", name, result.status, result.seconds, result.detail)
+
+    def finish(name: str, fingerprint: str) -> None:
+        info["stages"][name] = fingerprint
+        atomic_write_json(output_dir / INFO_FILENAME, info)
+
+    coco_digest = _file_digest(coco_file)
+    with stage("ingest") as result:
+        project = load_cct(coco_file, report, key_field=settings.s3.key_field)
+        result.detail = f"{len(project.images)} images, {len(project.annotations)} annotations"
+
+    with stage("images") as result:
+        s3 = settings.s3 if settings.s3.bucket else None
+        images_fp = _fingerprint(coco_digest, str(images_dir), dataclasses.asdict(settings.s3))
+        if s3 is not None and previous.get("images") == images_fp:
+            # A finished download of the same export: only confirm the files are still there (no S3 requests).
+            images = ensure_images(project.images, images_dir, None, report)
+            if not bool(images["available"].all()):
+                images = ensure_images(project.images, images_dir, s3, report)
+            else:
+                result.status = "skipped (current)"
+        else:
+            images = ensure_images(project.images, images_dir, s3, report)
+        result.detail = f"{int(images['available'].sum())}/{len(images)} available"
+        finish("images", images_fp)
+
+    with stage("boxes") as result:
+        detections = None
+        if settings.detections_file is not None:
+            detections = load_detections(settings.detections_file, report)
+        boxes = collect_boxes(project, images, detections, settings.detections, report)
+        result.detail = f"{len(boxes)} boxes"
+
+    with stage("crops") as result:
+        crops_dir = output_dir / CROPS_DIRNAME
+        crops_fp = _fingerprint(
+            _frame_digest(boxes, ["crop_path", "x", "y", "w", "h"]),
+            str(images_dir),
+            dataclasses.asdict(settings.crops) | {"workers": None},
+        )
+        if previous.get("crops") == crops_fp and _all_exist(crops_dir, boxes["crop_path"]):
+            boxes = boxes.assign(crop_ok=True)
+            result.status = "skipped (current)"
+        else:
+            boxes = make_crops(boxes, images_dir, crops_dir, settings.crops, report)
+        result.detail = f"{int(boxes['crop_ok'].sum())}/{len(boxes)} crops"
+        if bool(boxes["crop_ok"].all()):
+            # Only a complete crop stage may be skipped next time; failures are retried on every run.
+            finish("crops", crops_fp)
+
+    with stage("labels") as result:
+        labelled = apply_labels(boxes, dataset, settings.labels, report)
+        result.detail = f"{labelled['label'].nunique()} labels"
+
+    with stage("dataset") as result:
+        frame = build_dataset_frame(labelled, dataset, settings.split.min_locs, report)
+        if frame.empty:
+            raise PrepareError(
+                "dataset stage: no crops are left to train on; see "
+                f"{output_dir / REPORT_FILENAME} for what was skipped and why"
+            )
+        write_classification_csv(frame, output_dir / CSV_FILENAME)
+        labels = write_label_index(frame["label"], output_dir / LABEL_INDEX_FILENAME)
+        result.detail = f"{len(frame)} crops, {len(labels)} labels"
+        finish("dataset", _file_digest(output_dir / CSV_FILENAME))
+
+    with stage("splits") as result:
+        reuse_digest = _file_digest(Path(settings.split.reuse)) if settings.split.reuse else None
+        splits_fp = _fingerprint(info["stages"]["dataset"], dataclasses.asdict(settings.split), reuse_digest)
+        splits_path = output_dir / SPLITS_FILENAME
+        report_path = output_dir / SPLIT_REPORT_FILENAME
+        if previous.get("splits") == splits_fp and splits_path.is_file() and report_path.is_file():
+            table = pd.read_csv(report_path, dtype={"label": "string", "split": "string"})
+            result.status = "skipped (current)"
+        else:
+            splits = make_splits(frame, settings.split, report)
+            write_splits(splits, splits_path)
+            table = split_report(frame, splits)
+            with atomic_write(report_path, "w") as handle:
+                table.to_csv(handle, index=False, lineterminator="\n")
+        summary.split_table = table
+        result.detail = f"{table['split'].nunique() if not table.empty else 0} splits"
+        finish("splits", splits_fp)
+
+    _write_report(report, output_dir)
+    return summary
+
+
+def format_summary(summary: PrepareSummary) -> str:
+    """A short plain-text summary: one line per stage, the split table, and where the report is."""
+    lines = [f"prepared dataset {summary.dataset!r} in {summary.output_dir}", ""]
+    lines.append(f"{'stage':<9} {'status':<18} {'time':>7}  detail")
+    for stage in summary.stages:
+        lines.append(f"{stage.name:<9} {stage.status:<18} {stage.seconds:>6.1f}s  {stage.detail}")
+    issues = summary.report.issue_summary()
+    if issues:
+        lines.append("")
+        lines.append("skipped or changed records (details in prepare_report.json):")
+        for stage_name, kinds in issues.items():
+            for kind, n in sorted(kinds.items()):
+                lines.append(f"  {stage_name:<9} {kind:<32} {n:>7}")
+    table = summary.split_table
+    if table is not None and not table.empty and {"split", "label", "crops"} <= set(table.columns):
+        pivot = table.pivot_table(index="label", columns="split", values="crops", aggfunc="sum", fill_value=0)
+        pivot = pivot.reindex(columns=[c for c in ("train", "val", "test") if c in pivot.columns])
+        lines.append("")
+        lines.append("crops per label and split:")
+        lines.append(pivot.to_string())
+    lines.append("")
+    lines.append(f"report: {summary.output_dir / REPORT_FILENAME}")
+    return "\n".join(lines)
+
+
+def _resolve_inputs(settings: PrepareSettings, output_dir: Path) -> tuple[Path, Path]:
+    if settings.coco_file is None:
+        coco_file, images_dir = generate_demo_project(output_dir / "demo_source", settings.demo)
+        return Path(coco_file), Path(images_dir)
+    assert settings.images_dir is not None  # PrepareSettings enforces this
+    return Path(settings.coco_file), Path(settings.images_dir)
+
+
+def _write_report(report: PrepareReport, output_dir: Path) -> None:
+    report.write(output_dir / REPORT_FILENAME)
+
+
+def _load_info(output_dir: Path) -> dict[str, Any]:
+    path = output_dir / INFO_FILENAME
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable %s; every stage will run", path)
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _frame_digest(frame: pd.DataFrame, columns: list[str]) -> str:
+    hashed = pd.util.hash_pandas_object(frame[columns], index=False)
+    return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _all_exist(root: Path, relative: pd.Series) -> bool:
+    return all((root / rel).is_file() for rel in relative.astype(str))

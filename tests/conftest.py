@@ -1,0 +1,24 @@
+"""Test-wide settings: no network for loggers, headless plotting, a clean Hydra between tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+# Hugging Face hub must never be contacted by tests; a pretrained download fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _clean_hydra() -> Iterator[None]:
+    """Tests that compose configs must not leak Hydra's global state into the next test."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
