@@ -250,7 +250,9 @@ def load_prepared_dataset(root: str | Path, check_files: bool = True) -> Prepare
     if bad_paths:
         problems.append(f"{csv_path}: field 'path' escapes {crops_dir}: {bad_paths[:10]}")
     if missing_files:
-        problems.append(f"{csv_path}: {len(missing_files)} crop files are missing under {crops_dir}: {missing_files[:10]}")
+        problems.append(
+            f"{csv_path}: {len(missing_files)} crop files are missing under {crops_dir}: {missing_files[:10]}"
+        )
     if problems:
         raise DatasetError("dataset in " + str(root) + " is inconsistent:\n  - " + "\n  - ".join(problems))
 
