@@ -26,26 +26,17 @@ import pandas as pd
 from animl_lightning import __version__
 from animl_lightning.boxes import collect_boxes
 from animl_lightning.cct import load_cct
-from animl_lightning.classification_dataset import build_dataset_frame
+from animl_lightning.classification_dataset import build_dataset_frame, write_dataset_files
 from animl_lightning.crops import make_crops
-from animl_lightning.dataset_files import (
-    CROPS_DIRNAME,
-    CSV_FILENAME,
-    LABEL_INDEX_FILENAME,
-    SPLIT_REPORT_FILENAME,
-    SPLITS_FILENAME,
-    write_classification_csv,
-    write_label_index,
-    write_splits,
-)
+from animl_lightning.dataset_files import CROPS_DIRNAME, CSV_FILENAME, SPLIT_REPORT_FILENAME, SPLITS_FILENAME
 from animl_lightning.demo import generate_demo_project
-from animl_lightning.files import atomic_write, atomic_write_json, remove_stale_temporaries
+from animl_lightning.files import atomic_write_json, remove_stale_temporaries
 from animl_lightning.images import ensure_images
 from animl_lightning.labels import apply_labels
 from animl_lightning.megadetector import load_detections
 from animl_lightning.prepare_config import PrepareSettings
 from animl_lightning.report import REPORT_FILENAME, PrepareReport
-from animl_lightning.splits import make_splits, split_report
+from animl_lightning.splits import make_splits, write_split_files
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +167,7 @@ def run_prepare(settings: PrepareSettings) -> PrepareSummary:
 
     with stage("dataset") as result:
         frame = build_dataset_frame(labelled, dataset, settings.split.min_locs, report)
-        if frame.empty:
-            raise PrepareError(
-                "dataset stage: no crops are left to train on; see "
-                f"{output_dir / REPORT_FILENAME} for what was skipped and why"
-            )
-        write_classification_csv(frame, output_dir / CSV_FILENAME)
-        labels = write_label_index(frame["label"], output_dir / LABEL_INDEX_FILENAME)
+        labels = write_dataset_files(frame, output_dir)
         result.detail = f"{len(frame)} crops, {len(labels)} labels"
         finish("dataset", _file_digest(output_dir / CSV_FILENAME))
 
@@ -196,10 +181,7 @@ def run_prepare(settings: PrepareSettings) -> PrepareSummary:
             result.status = "skipped (current)"
         else:
             splits = make_splits(frame, settings.split, report)
-            write_splits(splits, splits_path)
-            table = split_report(frame, splits)
-            with atomic_write(report_path, "w") as handle:
-                table.to_csv(handle, index=False, lineterminator="\n")
+            table = write_split_files(frame, splits, output_dir)
         summary.split_table = table
         result.detail = f"{table['split'].nunique() if not table.empty else 0} splits"
         finish("splits", splits_fp)
