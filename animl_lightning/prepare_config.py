@@ -106,7 +106,8 @@ class LabelSettings:
     """How CCT categories become output labels (``labels.*``)."""
 
     spec_file: str | None = None
-    map: dict[str, str] | None = None
+    # Empty means "not set": OmegaConf cannot merge a command-line dict into an Optional[Dict] that is None.
+    map: dict[str, str] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=lambda: ["empty"])
     seed: int = 123
 

@@ -54,11 +54,11 @@ def test_command_line_names_reach_the_settings(tmp_path: Path) -> None:
     ("override", "key"),
     [
         ("crops.strategy=circle", "crops.strategy"),
-        ("split.val_frac=0.7", "split.val_frac"),
+        ("split.val_frac=0.9", "split.val_frac"),
         ("split.method=stratified", "split.method"),
         ("detections.threshold=1.5", "detections.threshold"),
         ("crops.max_size=2", "crops.max_size"),
-        ("coco_file=/nonexistent/export.json", "images_dir"),
+        ("coco_file=/nonexistent/export.json", "coco_file"),
     ],
 )
 def test_bad_values_fail_early_naming_the_key(override: str, key: str) -> None:
