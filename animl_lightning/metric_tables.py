@@ -1,0 +1,227 @@
+"""The callback that turns the classifier's per-split metric state into tables, plots and prediction files.
+
+The module counts (confusion matrices and scalar metrics live in :class:`~animl_lightning.classifier.CropClassifier`);
+this callback only reads, formats and writes. It reports every test-loop run: ``train.py`` evaluates the best
+checkpoint with the test loop once per split (train crops in eval mode, val, test), so after training the run
+folder holds, under ``dirpath``:
+
+- ``per_label.csv``: ``split, label, precision, recall, type_I_error, type_II_error, support, tp, fp, fn``
+  (definitions in :mod:`animl_lightning.tables`), one row per evaluated split and label;
+- ``overall.csv``: per split ``n, loss, top1, top3, balanced_accuracy, precision_macro, recall_macro``;
+- ``confusion_<split>.csv`` / ``confusion_<split>.png``;
+- ``predictions_<split>.csv``: ``path, label, prediction`` then one probability column per label name.
+
+With a ``WandbLogger`` the same tables go to wandb as Tables, plus a wandb confusion matrix per split.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
+
+from animl_lightning.classifier import CropClassifier
+from animl_lightning.dataset_files import SPLIT_NAMES
+from animl_lightning.files import atomic_write, atomic_write_bytes
+from animl_lightning.tables import (
+    PER_LABEL_COLUMNS,
+    confusion_frame,
+    confusion_png,
+    macro_scores,
+    overall_table,
+    per_label_table,
+)
+
+log = logging.getLogger(__name__)
+
+SCALAR_METRICS: tuple[str, ...] = ("loss", "top1", "top3")
+
+
+class MetricTables(Callback):
+    """Write per-label/overall tables, confusion matrices and predictions after each test-loop run.
+
+    Args:
+        dirpath: output folder (``${paths.output_dir}/metrics`` in the configs).
+        predictions: write ``predictions_<split>.csv``.
+        confusion_plot: write ``confusion_<split>.png``.
+        log_to_wandb: also log tables and confusion matrices to a ``WandbLogger`` when one is attached.
+
+    Raises:
+        TypeError: in ``setup`` when the LightningModule is not a
+            :class:`~animl_lightning.classifier.CropClassifier` (it owns the metric state this callback reads).
+    """
+
+    def __init__(
+        self, dirpath: str, predictions: bool = True, confusion_plot: bool = True, log_to_wandb: bool = True
+    ) -> None:
+        super().__init__()
+        if not dirpath:
+            raise ValueError("callbacks.metric_tables.dirpath must be set")
+        self._dirpath = Path(dirpath)
+        self._predictions = predictions
+        self._confusion_plot = confusion_plot
+        self._log_to_wandb = log_to_wandb
+        self._per_label: dict[str, pd.DataFrame] = {}
+        self._overall: dict[str, dict[str, float]] = {}
+        self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def dirpath(self) -> Path:
+        """Folder the tables are written to."""
+        return self._dirpath
+
+    @property
+    def per_label(self) -> pd.DataFrame:
+        """Per-label rows of every split reported so far, in train/val/test order."""
+        frames = [self._per_label[s] for s in SPLIT_NAMES if s in self._per_label]
+        if not frames:
+            return pd.DataFrame(columns=list(PER_LABEL_COLUMNS))
+        return pd.concat(frames, ignore_index=True)
+
+    @property
+    def overall(self) -> pd.DataFrame:
+        """Overall rows of every split reported so far, in train/val/test order."""
+        return overall_table({s: self._overall[s] for s in SPLIT_NAMES if s in self._overall})
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, CropClassifier):
+            raise TypeError(f"MetricTables reports a CropClassifier's metrics, got {type(pl_module).__name__}")
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Tables describe one model: a new fit starts a new report.
+        self._per_label.clear()
+        self._overall.clear()
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._batches = []
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._predictions or self._log_to_wandb:
+            self._batches.append(
+                (outputs["probs"].detach().cpu(), outputs["target"].detach().cpu(), outputs["index"].detach().cpu())
+            )
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert isinstance(pl_module, CropClassifier)
+        split = pl_module.test_split
+        labels = list(pl_module.class_names)
+        # Collective calls: every rank must take part before rank 0 writes.
+        confusion = pl_module.confusion_matrix(split)
+        probs, target, index = self._gather_predictions(pl_module, len(labels))
+        self._batches = []
+
+        metrics = trainer.callback_metrics
+        overall: dict[str, float] = {"n": float(confusion.sum())}
+        for name in SCALAR_METRICS:
+            value = metrics.get(f"{split}/{name}")
+            overall[name] = float(value) if value is not None else float("nan")
+        overall.update(macro_scores(confusion))
+        self._overall[split] = overall
+        self._per_label[split] = per_label_table(confusion, labels, split)
+        if not trainer.is_global_zero:
+            return
+
+        self._write_csv(self.per_label, "per_label.csv")
+        self._write_csv(self.overall, "overall.csv")
+        self._write_csv(confusion_frame(confusion, labels), f"confusion_{split}.csv", index=True)
+        if self._confusion_plot:
+            atomic_write_bytes(
+                self._dirpath / f"confusion_{split}.png",
+                confusion_png(confusion, labels, f"{split}: rows = true label, colour = fraction of row"),
+            )
+        predictions = None
+        if self._predictions or self._log_to_wandb:
+            paths = self._paths(trainer, index)
+            predictions = prediction_frame(paths, target, probs, labels)
+        if self._predictions and predictions is not None:
+            self._write_csv(predictions, f"predictions_{split}.csv", float_format="%.6g")
+        log.info("wrote %s tables to %s", split, self._dirpath)
+        if self._log_to_wandb:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    self._log_wandb(logger, split, labels, target, probs)
+
+    def _gather_predictions(
+        self, pl_module: LightningModule, num_labels: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._batches:
+            probs = torch.cat([b[0] for b in self._batches])
+            target = torch.cat([b[1] for b in self._batches])
+            index = torch.cat([b[2] for b in self._batches])
+        else:
+            probs = torch.zeros((0, num_labels))
+            target = torch.zeros(0, dtype=torch.long)
+            index = torch.zeros(0, dtype=torch.long)
+        if pl_module.trainer.world_size > 1:
+            # DistributedSampler gives every rank the same number of rows (padding with repeats), so all_gather
+            # works; the repeats are removed below by row index.
+            device = pl_module.device
+            local = (probs, target, index)
+            gathered = [cast(torch.Tensor, pl_module.all_gather(t.to(device))).cpu() for t in local]
+            probs, target, index = (g.reshape(-1, *t.shape[1:]) for g, t in zip(gathered, local, strict=True))
+        index_np = index.numpy().astype(np.int64)
+        _, first = np.unique(index_np, return_index=True)
+        return probs.numpy()[first], target.numpy().astype(np.int64)[first], index_np[first]
+
+    def _paths(self, trainer: Trainer, index: np.ndarray) -> np.ndarray:
+        loaders = trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "paths"):
+            paths: np.ndarray = dataset.paths(index)
+            return paths
+        return index.astype(str).astype(object)
+
+    def _write_csv(self, frame: pd.DataFrame, name: str, index: bool = False, float_format: str | None = None) -> None:
+        with atomic_write(self._dirpath / name, "w") as handle:
+            frame.to_csv(handle, index=index, lineterminator="\n", float_format=float_format)
+
+    def _log_wandb(
+        self, logger: WandbLogger, split: str, labels: list[str], target: np.ndarray, probs: np.ndarray
+    ) -> None:
+        import wandb
+
+        logger.log_table(key=f"{split}/per_label", dataframe=self._per_label[split])
+        logger.log_table(key="overall", dataframe=self.overall.astype({"n": "float64"}))
+        if len(target):
+            plot = wandb.plot.confusion_matrix(
+                y_true=target.tolist(),
+                preds=probs.argmax(axis=1).tolist(),
+                class_names=labels,
+                title=f"{split} confusion matrix",
+            )
+            logger.experiment.log({f"{split}/confusion_matrix": plot})
+
+
+def prediction_frame(paths: np.ndarray, target: np.ndarray, probs: np.ndarray, labels: list[str]) -> pd.DataFrame:
+    """``path, label, prediction`` (label names) then one probability column per label, sorted by path."""
+    names = np.asarray(labels, dtype=object)
+    columns: dict[str, Any] = {
+        "path": paths,
+        "label": names[target] if len(target) else np.array([], dtype=object),
+        "prediction": names[probs.argmax(axis=1)] if len(target) else np.array([], dtype=object),
+    }
+    frame = pd.DataFrame(columns)
+    probabilities = pd.DataFrame(probs, columns=pd.Index(labels))
+    return pd.concat([frame, probabilities], axis=1).sort_values("path", kind="stable").reset_index(drop=True)
