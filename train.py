@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from animl_lightning.calibration import TemperatureCalibration
 from animl_lightning.classifier import CropClassifier
 from animl_lightning.datamodule import CropDataModule
 from animl_lightning.dataset_files import SPLIT_NAMES, DatasetError
@@ -219,6 +220,8 @@ def train(cfg: DictConfig) -> float | None:
     log.info("dataset %s: labels %s", cfg.data_dir, datamodule.labels)
     model = build_model(cfg, datamodule)
     callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")
+    if cfg.get("calibrate"):
+        callbacks.append(TemperatureCalibration())
     loggers: list[Logger] = instantiate_named(cfg.get("logger"), "logger")
     precision = resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
     log.info("precision: %s", precision)
@@ -231,6 +234,8 @@ def train(cfg: DictConfig) -> float | None:
         eval_ckpt: str | None = None
         if cfg.train:
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+            # With calibrate=true rank 0 rewrites best.ckpt in on_fit_end; no rank may load it before that is done.
+            trainer.strategy.barrier("calibrated")
             checkpoint = trainer.checkpoint_callback
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
                 eval_ckpt = "best"

@@ -29,6 +29,7 @@ from torchmetrics.classification import (
 )
 from typing_extensions import override
 
+from animl_lightning.calibration import temperature_of
 from animl_lightning.datamodule import resolve_input_size
 from animl_lightning.dataset_files import SPLIT_NAMES
 from animl_lightning.prepare_config import CROP_STRATEGIES
@@ -152,6 +153,8 @@ class CropClassifier(LightningModule):
         self.scheduler_factory = scheduler
         self.class_names: list[str] = class_names
         self.test_split: str = "test"
+        # Set from the checkpoint's calibration record (calibrate=true); 1.0 means uncalibrated softmax.
+        self.temperature: float = 1.0
 
         use_hub = pretrained and pretrained_file is None
         if pretrained and pretrained_file is not None:
@@ -254,17 +257,22 @@ class CropClassifier(LightningModule):
     @override
     def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         _, logits = self._shared_step(batch, self.test_split)
-        return {"probs": logits.detach().float().softmax(dim=-1), "target": batch[1], "index": batch[2]}
+        probs = (logits.detach().float() / self.temperature).softmax(dim=-1)
+        return {"probs": probs, "target": batch[1], "index": batch[2]}
 
     @override
     def on_test_epoch_end(self) -> None:
         self._log_balanced_accuracy(self.test_split)
 
     @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.temperature = temperature_of(checkpoint)
+
+    @override
     def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities of a batch (a tensor, or a tuple whose first item is the images)."""
         images = batch if isinstance(batch, Tensor) else batch[0]
-        probs: Tensor = self(images).float().softmax(dim=-1)
+        probs: Tensor = (self(images).float() / self.temperature).softmax(dim=-1)
         return probs
 
     @override

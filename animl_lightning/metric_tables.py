@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from animl_lightning.calibration import expected_calibration_error, per_label_calibration_error
 from animl_lightning.classifier import CropClassifier
 from animl_lightning.dataset_files import SPLIT_NAMES
 from animl_lightning.files import atomic_write, atomic_write_bytes
@@ -137,8 +138,12 @@ class MetricTables(Callback):
             value = metrics.get(f"{split}/{name}")
             overall[name] = float(value) if value is not None else float("nan")
         overall.update(macro_scores(confusion))
+        table = per_label_table(confusion, labels, split)
+        if len(target):
+            overall["ece"] = expected_calibration_error(probs, target)
+            table["ece"] = per_label_calibration_error(probs, target)
         self._overall[split] = overall
-        self._per_label[split] = per_label_table(confusion, labels, split)
+        self._per_label[split] = table
         if not trainer.is_global_zero:
             return
 

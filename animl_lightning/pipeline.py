@@ -125,6 +125,11 @@ def run_prepare(settings: PrepareSettings) -> PrepareSummary:
     with stage("images") as result:
         s3 = settings.s3 if settings.s3.bucket else None
         images_fp = _fingerprint(coco_digest, str(images_dir), dataclasses.asdict(settings.s3))
+        if s3 is not None:
+            # A download killed mid-transfer leaves its temporary file in images_dir; nothing else removes it.
+            stale = remove_stale_temporaries(images_dir)
+            if stale:
+                report.count("images", "stale_temporaries_removed", stale)
         if s3 is not None and previous.get("images") == images_fp:
             # A finished download of the same export: only confirm the files are still there (no S3 requests).
             images = ensure_images(project.images, images_dir, None, report)

@@ -35,6 +35,7 @@ PER_LABEL_COLUMNS: tuple[str, ...] = (
     "tp",
     "fp",
     "fn",
+    "ece",
 )
 OVERALL_COLUMNS: tuple[str, ...] = (
     "split",
@@ -45,6 +46,7 @@ OVERALL_COLUMNS: tuple[str, ...] = (
     "balanced_accuracy",
     "precision_macro",
     "recall_macro",
+    "ece",
 )
 
 
@@ -88,6 +90,8 @@ def per_label_table(confusion: np.ndarray, labels: Sequence[str], split: str) ->
             "tp": tp,
             "fp": predicted - tp,
             "fn": support - tp,
+            # Calibration needs the probabilities, not the counts: MetricTables fills it in.
+            "ece": np.full(len(labels), np.nan),
         },
         columns=list(PER_LABEL_COLUMNS),
     )
