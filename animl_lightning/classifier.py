@@ -8,6 +8,7 @@ rebuild the preprocessing for inference (see :meth:`CropClassifier.from_checkpoi
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class CropClassifier(LightningModule):
         self.test_split: str = "test"
         # Set from the checkpoint's calibration record (calibrate=true); 1.0 means uncalibrated softmax.
         self.temperature: float = 1.0
+        self._resume_rng: dict[str, Any] | None = None
 
         use_hub = pretrained and pretrained_file is None
         if pretrained and pretrained_file is not None:
@@ -223,6 +225,17 @@ class CropClassifier(LightningModule):
 
     @override
     def on_train_epoch_start(self) -> None:
+        if self._resume_rng is not None:
+            # Restored here, not at load time: the sanity check between loading and this point draws random numbers
+            # (DataLoader seeds) that the uninterrupted run never drew.
+            restore_rng_states(self._resume_rng)
+            self._resume_rng = None
+            # On resume Lightning made this epoch's loader iterator before the sanity check; an uninterrupted run
+            # makes it after this hook. Making it again here draws the loader seed and the sampler's indices from the
+            # restored generators, exactly as the uninterrupted run did.
+            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is not None:
+                iter(fetcher)
         self._split_metrics("train").reset()
         self._apply_finetune_mode()
 
@@ -265,8 +278,17 @@ class CropClassifier(LightningModule):
         self._log_balanced_accuracy(self.test_split)
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run draws the same batches, augmentations and dropout masks as an uninterrupted one.
+        checkpoint[RNG_STATES_KEY] = capture_rng_states()
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.temperature = temperature_of(checkpoint)
+        states = checkpoint.get(RNG_STATES_KEY)
+        # Each DDP rank has its own generators but only rank 0's are saved: restore them in single-process runs only.
+        if isinstance(states, dict) and (self._trainer is None or self.trainer.world_size == 1):
+            self._resume_rng = states
 
     @override
     def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -339,6 +361,37 @@ class CropClassifier(LightningModule):
             self.model.train()
         if self.current_epoch in (0, finetune_epochs):
             log.info("epoch %d: training %s", self.current_epoch, "the head only" if frozen else "all layers")
+
+
+RNG_STATES_KEY = "rng_states"
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """The Python, numpy and torch (CPU and CUDA) generator states as values ``torch.load(weights_only=True)`` reads."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    states: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_states`; generators missing from ``states`` are left alone."""
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def load_pretrained_file(model: nn.Module, path: str | Path) -> None:

@@ -232,7 +232,8 @@ def _client(s3: S3Settings) -> Any:
             "s3",
             endpoint_url=s3.endpoint_url,
             config=Config(
-                retries={"max_attempts": s3.max_attempts, "mode": "adaptive"},
+                # total_max_attempts counts the first request too, so s3.max_attempts is tries per request.
+                retries={"total_max_attempts": s3.max_attempts, "mode": "adaptive"},
                 connect_timeout=s3.connect_timeout,
                 read_timeout=s3.read_timeout,
                 max_pool_connections=max(10, s3.workers),

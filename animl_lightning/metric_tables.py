@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
 from animl_lightning.calibration import expected_calibration_error, per_label_calibration_error
@@ -179,12 +180,12 @@ class MetricTables(Callback):
             target = torch.zeros(0, dtype=torch.long)
             index = torch.zeros(0, dtype=torch.long)
         if pl_module.trainer.world_size > 1:
-            # DistributedSampler gives every rank the same number of rows (padding with repeats), so all_gather
-            # works; the repeats are removed below by row index.
+            # Evaluation shards are unpadded (animl_lightning.samplers), so ranks may hold different row counts:
+            # gather_all_tensors pads, gathers and trims. Repeats (e.g. from a padding sampler) are removed below.
             device = pl_module.device
-            local = (probs, target, index)
-            gathered = [cast(torch.Tensor, pl_module.all_gather(t.to(device))).cpu() for t in local]
-            probs, target, index = (g.reshape(-1, *t.shape[1:]) for g, t in zip(gathered, local, strict=True))
+            probs, target, index = (
+                torch.cat([part.cpu() for part in gather_all_tensors(t.to(device))]) for t in (probs, target, index)
+            )
         index_np = index.numpy().astype(np.int64)
         _, first = np.unique(index_np, return_index=True)
         return probs.numpy()[first], target.numpy().astype(np.int64)[first], index_np[first]

@@ -367,14 +367,6 @@ def test_train_resumes_from_last_checkpoint_after_kills(train_runs: dict[str, An
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "classifier.py/datamodule.py/train.py: last.ckpt does not hold the random state (torch/numpy/python RNGs, "
-        "the WeightedRandomSampler's draws, augmentation), so a run resumed after epoch k draws different batches "
-        "than the uninterrupted run and ends with different weights and metrics"
-    ),
-)
 def test_train_resumed_after_kills_ends_with_the_uninterrupted_metrics(train_runs: dict[str, Any]) -> None:
     reference, resumed = train_runs["reference"], train_runs["resumed"]
     # CPU, fixed seed, no nondeterministic kernels: an exact match is possible, so only float round-off is allowed

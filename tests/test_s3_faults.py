@@ -350,14 +350,6 @@ def test_prepare_command_line_keeps_credentials_out_of_output_and_logs(
         assert not _secrets_in(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "images.py:_client passes s3.max_attempts to botocore's retries.max_attempts, which counts retries after "
-        "the first request (3 requests for max_attempts=2), and RetryPolicy.attempts multiplies that again; "
-        "configs/prepare.yaml documents s3.max_attempts as 'tries per object'"
-    ),
-)
 def test_s3_max_attempts_is_the_number_of_tries_per_object(
     aws: None, endpoint: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
