@@ -2,23 +2,27 @@
 
 Generates ``--images`` 2048x1536 quality-90 JPEGs with photo-like texture (multi-octave noise, gradients and grain:
 about 1 MB each; flat synthetic images decode several times faster than photos and would flatter every figure), with
-1-3 boxes each whose sides are 5-60% of the frame, then times, interleaved over ``--repeats`` rounds:
+1-3 boxes each "from 5% to 60% of the frame". That is read as box *area* (a uniform 5-60% of the frame's area,
+aspect ratio log-uniform in 1:2-2:1, square sides about 400-1900 px) for the headline figures; the same run repeats
+everything with the other reading, each *side* a uniform 5-60% of the frame's side (areas 0.25-36%, mostly small
+boxes), under ``readings``. Then it times, interleaved over ``--repeats`` rounds:
 
 (a) ``baseline``: what the old ``crop_detections.py`` did: a thread pool, full PIL decode, convert to RGB, the old
-    square rule, ``ImageOps.pad``, save each crop at full resolution;
-(b) ``floor``: decode each image once and nothing else, with as many worker processes as (c); and
-    ``floor_600``: the same at the JPEG draft scale the ``max_size=600`` crops of each image allow;
+    square rule, ``ImageOps.pad``, save each crop at full resolution; ``baseline_q75`` the same at PIL's default
+    quality 75, which the old script really used;
+(b) ``floor``: decode each image once with the crop stage's own decoder (:func:`decode_image`) and nothing else, in
+    as many worker processes as (c); ``floor_600``: the same at the DCT scale the ``max_size=600`` crops of each image
+    allow; ``floor_pil`` / ``floor_pil_600``: the same with PIL's decoder (the previous floor), for comparison;
 (c) ``stage_full`` / ``stage_600``: :func:`animl_lightning.crops.make_crops` with ``strategy=square`` at full
     resolution and with ``max_size=600``.
 
-Every method writes JPEGs at the same quality (``--quality``, default 90 like ``crops.quality``; the old script used
-PIL's default 75) so that only the work differs. Reports crops per second (best round and median round), crops per
+Every method but ``baseline_q75`` writes JPEGs at the same quality (``--quality``, default 90 like
+``crops.quality``) so that only the work differs. Reports crops per second (best round and median round), crops per
 CPU-second (this process's threads plus its reaped worker processes: on a machine shared with other jobs, wall-clock
-parallel speed-ups say more about the neighbours than about the code) and the ratios the issue sets as targets, and
-writes them to ``benchmarks/results/crops.json``. ``--box-range 0.4 0.6`` shows the draft-decoding case (every crop
-of an image larger than ``max_size``), which the default mix of small and large boxes rarely allows.
+figures say as much about the neighbours as about the code) and the ratios the issue sets as targets, and writes them
+to ``benchmarks/results/crops.json``.
 
-Run: ``python benchmarks/bench_crops.py [--images 80] [--workers N] [--repeats 3]``.
+Run: ``python benchmarks/bench_crops.py [--images 80] [--workers N] [--repeats 3] [--readings area side]``.
 """
 
 from __future__ import annotations
@@ -40,16 +44,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import simplejpeg
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from animl_lightning.crops import crop_window, draft_reduction, make_crops, output_size
+from animl_lightning.crops import crop_window, decode_image, draft_reduction, make_crops, output_size
 from animl_lightning.prepare_config import CropSettings, default_workers
 from animl_lightning.report import PrepareReport
 
 WIDTH, HEIGHT = 2048, 1536
 RESULTS = Path(__file__).resolve().parent / "results" / "crops.json"
+ASPECT_RANGE = (0.5, 2.0)
+OLD_SCRIPT_QUALITY = 75  # crop_detections.py called crop.save(path) with PIL's default quality
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -97,13 +104,30 @@ def generate_images(folder: Path, n: int, seed: int) -> list[Path]:
     return paths
 
 
-def make_boxes(paths: list[Path], seed: int, low: float = 0.05, high: float = 0.6) -> pd.DataFrame:
-    """1-3 boxes per image, each side a uniform ``low``-``high`` fraction of the frame's, absolute pixels."""
+def make_boxes(
+    paths: list[Path], seed: int, low: float = 0.05, high: float = 0.6, reading: str = "area"
+) -> pd.DataFrame:
+    """1-3 boxes per image, "from ``low`` to ``high`` of the frame", absolute pixels.
+
+    ``reading="area"`` (the default, how "5% to 60% of the frame" reads): the box *area* is a uniform
+    ``low``-``high`` fraction of the frame's area and its aspect ratio (w/h in pixels) log-uniform in
+    ``ASPECT_RANGE``, narrowed where needed so that the box fits the frame (the area is then exact).
+    ``reading="side"``: each side is an independent uniform ``low``-``high`` fraction of the frame's side (areas
+    0.25%-36%: mostly small boxes).
+    """
     rng = np.random.default_rng(seed + 1)
     rows = []
     for path in paths:
         for k in range(int(rng.integers(1, 4))):
-            w, h = rng.uniform(low, high) * WIDTH, rng.uniform(low, high) * HEIGHT
+            if reading == "side":
+                w, h = rng.uniform(low, high) * WIDTH, rng.uniform(low, high) * HEIGHT
+            else:
+                area = rng.uniform(low, high) * WIDTH * HEIGHT
+                # w = sqrt(area * r) <= WIDTH and h = sqrt(area / r) <= HEIGHT bound the aspect ratio r.
+                r_low = max(ASPECT_RANGE[0], area / HEIGHT**2)
+                r_high = min(ASPECT_RANGE[1], WIDTH**2 / area)
+                ratio = math.exp(rng.uniform(math.log(r_low), math.log(r_high)))
+                w, h = math.sqrt(area * ratio), math.sqrt(area / ratio)
             x, y = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
             rows.append(
                 {
@@ -165,11 +189,19 @@ def run_baseline(boxes: pd.DataFrame, images: Path, out: Path, workers: int, qua
 
 
 def _decode_chunk(chunk: list[tuple[str, int]]) -> int:
+    """PIL decode (what the old script and the previous stage used), at a draft divisor."""
     for path, divisor in chunk:
         with Image.open(path) as image:
             if divisor > 1:
                 image.draft(image.mode, (-(-image.size[0] // divisor), -(-image.size[1] // divisor)))
             image.load()
+    return len(chunk)
+
+
+def _decode_chunk_stage(chunk: list[tuple[str, int]]) -> int:
+    """The crop stage's own decode (:func:`decode_image`: header, EXIF, libjpeg-turbo), at a DCT divisor."""
+    for path, divisor in chunk:
+        decode_image(Path(path), lambda _size, d=divisor: d)
     return len(chunk)
 
 
@@ -182,12 +214,13 @@ def needed_divisors(boxes: pd.DataFrame, max_size: int | None) -> dict[str, int]
     return divisors
 
 
-def run_floor(boxes: pd.DataFrame, images: Path, workers: int, divisors: dict[str, int]) -> int:
+def run_floor(boxes: pd.DataFrame, images: Path, workers: int, divisors: dict[str, int], decoder: str = "stage") -> int:
+    task = _decode_chunk_stage if decoder == "stage" else _decode_chunk
     items = [(str(images / f), divisors[f]) for f in boxes["file_name"].unique()]
     size = max(1, min(16, math.ceil(len(items) / (workers * 4))))
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return sum(pool.map(_decode_chunk, chunks))
+        return sum(pool.map(task, chunks))
 
 
 def run_stage(boxes: pd.DataFrame, images: Path, out: Path, workers: int, quality: int, max_size: int | None) -> int:
@@ -208,52 +241,39 @@ def _cpu_seconds() -> float:
 # --- driver ----------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=80, help="number of generated images (default 80)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="workers for every method")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best and median are reported")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of every saved crop")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--box-range",
-        type=float,
-        nargs=2,
-        default=(0.05, 0.6),
-        metavar=("LOW", "HIGH"),
-        help="box sides as fractions of the frame's (default 0.05 0.6)",
-    )
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "animl_bench_crops")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+METHODS = ("baseline", "baseline_q75", "floor", "floor_600", "floor_pil", "floor_pil_600", "stage_full", "stage_600")
 
-    load_at_start = list(os.getloadavg())
-    images_dir = args.workdir / f"images_{args.images}_{args.seed}"
-    start = time.perf_counter()
-    paths = generate_images(images_dir, args.images, args.seed)
-    generation_s = time.perf_counter() - start
-    boxes = make_boxes(paths, args.seed, *args.box_range)
+
+def measure(
+    boxes: pd.DataFrame, images_dir: Path, workdir: Path, workers: int, quality: int, repeats: int, label: str
+) -> dict[str, object]:
+    """Time every method on ``boxes``, interleaved over ``repeats`` rounds."""
     n_crops = len(boxes)
-    mean_bytes = statistics.mean(p.stat().st_size for p in paths)
     divisors_600 = needed_divisors(boxes, 600)
     ones = dict.fromkeys(divisors_600, 1)
+    sides = np.array(
+        [crop_window((r.x, r.y, r.w, r.h), (WIDTH, HEIGHT), "square").canvas_width for r in boxes.itertuples()]
+    )
     print(
-        f"{len(paths)} images ({mean_bytes / 1e6:.2f} MB mean), {n_crops} crops, {args.workers} workers; "
-        f"draft divisors for max_size=600: {dict(sorted(pd.Series(divisors_600).value_counts().items()))}",
+        f"[{label}] {n_crops} crops on {len(divisors_600)} images, {workers} workers; square side median "
+        f"{np.median(sides):.0f} px, {np.mean(sides > 600):.0%} over 600; DCT divisors for max_size=600: "
+        f"{dict(sorted(pd.Series(divisors_600).value_counts().items()))}",
         flush=True,
     )
-
-    out_root = args.workdir / "out"
     methods: dict[str, Callable[[Path], int]] = {
-        "baseline": lambda out: run_baseline(boxes, images_dir, out, args.workers, args.quality),
-        "floor": lambda out: run_floor(boxes, images_dir, args.workers, ones) and n_crops,
-        "floor_600": lambda out: run_floor(boxes, images_dir, args.workers, divisors_600) and n_crops,
-        "stage_full": lambda out: run_stage(boxes, images_dir, out, args.workers, args.quality, None),
-        "stage_600": lambda out: run_stage(boxes, images_dir, out, args.workers, args.quality, 600),
+        "baseline": lambda out: run_baseline(boxes, images_dir, out, workers, quality),
+        "baseline_q75": lambda out: run_baseline(boxes, images_dir, out, workers, OLD_SCRIPT_QUALITY),
+        "floor": lambda out: run_floor(boxes, images_dir, workers, ones) and n_crops,
+        "floor_600": lambda out: run_floor(boxes, images_dir, workers, divisors_600) and n_crops,
+        "floor_pil": lambda out: run_floor(boxes, images_dir, workers, ones, "pil") and n_crops,
+        "floor_pil_600": lambda out: run_floor(boxes, images_dir, workers, divisors_600, "pil") and n_crops,
+        "stage_full": lambda out: run_stage(boxes, images_dir, out, workers, quality, None),
+        "stage_600": lambda out: run_stage(boxes, images_dir, out, workers, quality, 600),
     }
+    out_root = workdir / "out"
     times: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[float]] = {name: [] for name in methods}
-    for round_ in range(args.repeats):
+    for round_ in range(repeats):
         for name, method in methods.items():
             out = out_root / name
             shutil.rmtree(out, ignore_errors=True)
@@ -267,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 raise RuntimeError(f"{name} produced {done} crops, expected {n_crops}")
             times[name].append(elapsed)
             print(
-                f"round {round_ + 1} {name:<10} {elapsed:6.2f} s  {n_crops / elapsed:7.1f} crops/s  "
+                f"[{label}] round {round_ + 1} {name:<13} {elapsed:6.2f} s  {n_crops / elapsed:7.1f} crops/s  "
                 f"(cpu {cpu[name][-1]:5.2f} s, load {os.getloadavg()[0]:.1f})",
                 flush=True,
             )
@@ -276,21 +296,94 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     best = {name: n_crops / min(t) for name, t in times.items()}
     median = {name: n_crops / statistics.median(t) for name, t in times.items()}
     per_cpu = {name: n_crops / min(c) for name, c in cpu.items()}
-    ratios = {
-        "stage_full_over_baseline": best["stage_full"] / best["baseline"],
-        "stage_600_over_baseline": best["stage_600"] / best["baseline"],
-        "floor_600_over_stage_600": best["floor_600"] / best["stage_600"],
+
+    def ratios(rate: dict[str, float]) -> dict[str, float]:
+        return {
+            "stage_full_over_baseline": round(rate["stage_full"] / rate["baseline"], 3),
+            "stage_600_over_baseline": round(rate["stage_600"] / rate["baseline"], 3),
+            "floor_600_over_stage_600": round(rate["floor_600"] / rate["stage_600"], 3),
+            "floor_pil_600_over_stage_600": round(rate["floor_pil_600"] / rate["stage_600"], 3),
+        }
+
+    ratio_best, ratio_median, ratio_cpu = ratios(best), ratios(median), ratios(per_cpu)
+
+    def met(r: dict[str, float]) -> dict[str, bool]:
+        return {
+            "stage_full >= 1.3x baseline": r["stage_full_over_baseline"] >= 1.3,
+            "stage_600 >= 2x baseline": r["stage_600_over_baseline"] >= 2.0,
+            "stage_600 within 1.25x of floor_600": r["floor_600_over_stage_600"] <= 1.25,
+        }
+
+    return {
+        "crops": n_crops,
+        "square_side_px": {
+            "min": int(sides.min()),
+            "median": float(np.median(sides)),
+            "max": int(sides.max()),
+            "fraction_over_600": round(float(np.mean(sides > 600)), 3),
+        },
+        "dct_divisors_600": {str(k): int(v) for k, v in pd.Series(divisors_600).value_counts().items()},
+        "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
+        "crops_per_second_best": {k: round(v, 1) for k, v in best.items()},
+        "crops_per_second_median": {k: round(v, 1) for k, v in median.items()},
+        "cpu_seconds": {name: [round(t, 3) for t in ts] for name, ts in cpu.items()},
+        "crops_per_cpu_second_best": {k: round(v, 1) for k, v in per_cpu.items()},
+        "ratios_best": ratio_best,
+        "ratios_median": ratio_median,
+        "ratios_cpu": ratio_cpu,
+        "targets_met_best": met(ratio_best),
+        "targets_met_median": met(ratio_median),
+        "targets_met_cpu": met(ratio_cpu),
     }
-    cpu_ratios = {
-        "stage_full_over_baseline": per_cpu["stage_full"] / per_cpu["baseline"],
-        "stage_600_over_baseline": per_cpu["stage_600"] / per_cpu["baseline"],
-        "floor_600_over_stage_600": per_cpu["floor_600"] / per_cpu["stage_600"],
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=80, help="number of generated images (default 80)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="workers for every method")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best and median are reported")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of every saved crop")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--box-range",
+        type=float,
+        nargs=2,
+        default=(0.05, 0.6),
+        metavar=("LOW", "HIGH"),
+        help="box size as a fraction of the frame (default 0.05 0.6)",
+    )
+    parser.add_argument(
+        "--readings",
+        nargs="+",
+        choices=("area", "side"),
+        default=["area", "side"],
+        help="what the box fraction measures; the first is the headline (default: area, then side)",
+    )
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "animl_bench_crops")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    load_at_start = list(os.getloadavg())
+    images_dir = args.workdir / f"images_{args.images}_{args.seed}"
+    start = time.perf_counter()
+    paths = generate_images(images_dir, args.images, args.seed)
+    generation_s = time.perf_counter() - start
+    mean_bytes = statistics.mean(p.stat().st_size for p in paths)
+    print(f"{len(paths)} images, {mean_bytes / 1e6:.2f} MB mean", flush=True)
+    readings = {
+        reading: measure(
+            make_boxes(paths, args.seed, *args.box_range, reading=reading),
+            images_dir,
+            args.workdir,
+            args.workers,
+            args.quality,
+            args.repeats,
+            reading,
+        )
+        for reading in args.readings
     }
-    targets = {
-        "stage_full >= 1.3x baseline": ratios["stage_full_over_baseline"] >= 1.3,
-        "stage_600 >= 2x baseline": ratios["stage_600_over_baseline"] >= 2.0,
-        "stage_600 within 1.25x of floor_600": ratios["floor_600_over_stage_600"] <= 1.25,
-    }
+    headline = args.readings[0]
+    low, high = args.box_range
     result: dict[str, object] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -298,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "pillow": Image.__version__,
+            "simplejpeg": simplejpeg.__version__,
             "load_average_at_start": load_at_start,
             "load_average_at_end": list(os.getloadavg()),
         },
@@ -305,28 +399,38 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "images": len(paths),
             "image_size": [WIDTH, HEIGHT],
             "mean_image_bytes": round(mean_bytes),
-            "crops": n_crops,
             "workers": args.workers,
             "quality": args.quality,
+            "old_script_quality": OLD_SCRIPT_QUALITY,
             "repeats": args.repeats,
             "strategy": "square",
-            "box_side_fraction": list(args.box_range),
-            "draft_divisors_600": {str(k): int(v) for k, v in pd.Series(divisors_600).value_counts().items()},
+            "boxes_per_image": [1, 3],
+            "headline_reading": headline,
+            "box_area_fraction": [low, high] if "area" in readings else None,
+            "box_aspect_ratio": list(ASPECT_RANGE) if "area" in readings else None,
+            "box_side_fraction": [low, high] if "side" in readings else None,
             "generation_s": round(generation_s, 1),
+            "methods": {
+                "baseline": "old crop_detections.py: thread pool, PIL decode, convert RGB, old square rule, "
+                "save at full resolution, same quality as the stage",
+                "baseline_q75": "the same at PIL's default quality 75, which the old script used",
+                "floor": "the stage's own decoder (decode_image: header, EXIF, libjpeg-turbo) and nothing else, "
+                "one decode per image, worker processes",
+                "floor_600": "floor at the DCT scale the max_size=600 crops of each image allow",
+                "floor_pil": "PIL decode only (the previous floor)",
+                "floor_pil_600": "PIL draft decode only, same divisors as floor_600",
+                "stage_full": "make_crops, strategy=square, max_size=null",
+                "stage_600": "make_crops, strategy=square, max_size=600",
+            },
         },
-        "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
-        "crops_per_second_best": {k: round(v, 1) for k, v in best.items()},
-        "crops_per_second_median": {k: round(v, 1) for k, v in median.items()},
-        "cpu_seconds": {name: [round(t, 3) for t in ts] for name, ts in cpu.items()},
-        "crops_per_cpu_second_best": {k: round(v, 1) for k, v in per_cpu.items()},
-        "ratios_best": {k: round(v, 3) for k, v in ratios.items()},
-        "ratios_cpu": {k: round(v, 3) for k, v in cpu_ratios.items()},
-        "targets_met": targets,
+        **readings[headline],
+        "readings": {k: v for k, v in readings.items() if k != headline},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
-    summary = ("crops_per_second_best", "crops_per_cpu_second_best", "ratios_best", "ratios_cpu", "targets_met")
-    print(json.dumps({k: result[k] for k in summary}, indent=1))
+    for reading, figures in readings.items():
+        summary = ("crops_per_second_best", "crops_per_cpu_second_best", "ratios_best", "ratios_median", "ratios_cpu")
+        print(reading, json.dumps({k: figures[k] for k in summary}, indent=1))
     return result
 
 

@@ -10,11 +10,15 @@ import pandas as pd
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
-from animl_lightning.crops import (
+from animl_lightning.crops import (  # the stage's and crop_image's cores
     CropWindow,
     ImageLoadError,
+    _pil_view,
+    _render,
+    _render_pixels,
+    _Source,
     crop_image,
     crop_is_valid,
     crop_window,
@@ -23,6 +27,7 @@ from animl_lightning.crops import (
     image_display_size,
     load_image,
     make_crops,
+    orient,
     output_size,
     to_rgb,
 )
@@ -511,3 +516,160 @@ def test_a_dying_worker_costs_only_its_image(tmp_path: Path, monkeypatch: pytest
     assert result["crop_ok"].tolist() == [True, True, True, False, True, True]
     [issue] = report.issues_of("crops")
     assert issue.kind == "worker_crashed" and issue.record == "3.jpg___crop_a.jpg"
+
+
+# --- fast (simplejpeg) decode path against PIL's -------------------------------------------------------------------
+
+
+def _textured(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Smooth colour gradients plus blocks: survives JPEG well, so pixel tolerances can be tight."""
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width].astype(float)
+    rgb = np.stack([xx / width * 200 + 30, yy / height * 200 + 30, (xx + yy) / (width + height) * 150 + 50], axis=-1)
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        x, y = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
+        rgb[y : y + 20, x : x + 20] = rng.integers(0, 255, 3)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def _pil_decode(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        image.load()
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def _exif_jpeg(path: Path, raw: Image.Image, orientation: int, **save: object) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw.save(path, exif=exif, **save)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_view_matches_pil_exif_transpose(orientation: int) -> None:
+    raw = np.random.default_rng(orientation).integers(0, 255, (5, 7, 4), dtype=np.uint8)
+    raw[..., 3] = 255
+    image = Image.fromarray(raw[..., :3])
+    image.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(image))
+    assert np.array_equal(orient(raw, orientation)[..., :3], expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_decode_of_rotated_jpeg_equals_pil_and_crops_the_same_region(tmp_path: Path, orientation: int) -> None:
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "images" / "r.jpg"
+    _exif_jpeg(path, _textured((320, 240)), orientation, quality=95)
+    decoded = decode_image(path)
+    expected = _pil_decode(path)
+    assert decoded.decoder == "simplejpeg" and decoded.full_size == expected.shape[1::-1]
+    assert np.array_equal(decoded.pixels[..., :3], expected)  # same libjpeg-turbo settings: identical pixels
+    width, height = decoded.full_size
+    box = (width * 0.55, height * 0.1, width * 0.3, height * 0.5)  # off-centre, square crop shifted at an edge
+    rows = [_row("r.jpg", box, (width, height), "a"), _row("r.jpg", box, (width, height), "b")]
+    rows[1]["crop_path"] = "capped/r.jpg"
+    for row, max_size in ((rows[0], None), (rows[1], 50)):
+        result, _ = _run(tmp_path, [row], strategy="square", max_size=max_size)
+        assert result["crop_ok"].all()
+        saved = np.asarray(Image.open(tmp_path / "crops" / str(row["crop_path"])), dtype=float)
+        reference = np.asarray(crop_image(Image.fromarray(expected), box, "square", max_size), dtype=float)
+        shifted = (box[0] - width * 0.1, *box[1:])
+        elsewhere = np.asarray(crop_image(Image.fromarray(expected), shifted, "square", max_size), dtype=float)
+        assert saved.shape == reference.shape
+        # Only the JPEG encoding of the crop differs; a crop 10% to the left is well off (6-12 on these images).
+        assert np.abs(saved - reference).mean() < 3 and np.abs(saved - elsewhere).mean() > 5
+
+
+def test_dct_scaled_fast_decode_equals_pil_draft(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    _textured((803, 601)).save(path, quality=90)  # odd sizes: libjpeg rounds the scaled size up
+    decoded = decode_image(path, lambda size: 4)
+    with Image.open(path) as image:
+        image.draft("RGB", (200, 150))  # PIL's way of asking for 1/4: at least 803 // 200 = 601 // 150 = 4
+        image.load()
+        expected = np.asarray(image.convert("RGB"))
+    assert decoded.decoder == "simplejpeg" and decoded.size == (201, 151) and decoded.full_size == (803, 601)
+    assert np.array_equal(decoded.pixels[..., :3], expected)
+
+
+def test_grayscale_jpeg_takes_the_fast_path_as_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "g.jpg"
+    _textured((64, 48)).convert("L").save(path, quality=90)
+    decoded = decode_image(path)
+    gray = np.asarray(Image.open(path))
+    assert decoded.decoder == "simplejpeg"
+    assert all(np.array_equal(decoded.pixels[..., c], gray) for c in range(3))
+
+
+@pytest.mark.parametrize(
+    ("name", "save"),
+    [
+        ("p.jpg", {"quality": 90, "progressive": True}),
+        ("c.jpg", {"quality": 90}),  # CMYK
+        ("a.png", {}),
+    ],
+)
+def test_progressive_cmyk_and_png_fall_back_to_pil(tmp_path: Path, name: str, save: dict[str, object]) -> None:
+    path = tmp_path / name
+    image = _textured((96, 64))
+    (image.convert("CMYK") if name == "c.jpg" else image).save(path, **save)  # type: ignore[arg-type]
+    decoded = decode_image(path)
+    assert decoded.decoder == "pil"
+    assert np.array_equal(decoded.pixels[..., :3], np.asarray(load_image(path)))
+    assert np.array_equal(np.asarray(load_image(path)), _pil_decode(path)) or name == "c.jpg"
+
+
+def test_truncated_jpeg_is_refused_on_the_fast_path(tmp_path: Path) -> None:
+    path = tmp_path / "t.jpg"
+    _textured((400, 300)).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 7 // 10])
+    for reduction in (None, lambda size: 2):
+        with pytest.raises(ImageLoadError) as err:
+            decode_image(path, reduction)
+        assert err.value.kind == "truncated_image"
+
+
+def test_jpeg_with_damage_pil_tolerates_is_still_accepted(tmp_path: Path) -> None:
+    # libjpeg-turbo (strict) refuses extraneous bytes before a marker; PIL has always accepted such files.
+    path = tmp_path / "d.jpg"
+    _textured((200, 150)).save(path, quality=90)
+    data = bytearray(path.read_bytes())
+    data[-2:-2] = b"\x00" * 16
+    path.write_bytes(bytes(data))
+    decoded = decode_image(path)
+    assert decoded.decoder == "pil" and decoded.size == (200, 150)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 8),
+    st.tuples(st.floats(0, 150), st.floats(0, 100), st.floats(2, 200), st.floats(2, 150)),
+    st.sampled_from(["square", "pad", "exact"]),
+    st.sampled_from([None, 8, 33, 64]),
+    st.sampled_from([1, 2]),
+)
+def test_stage_pixels_equal_crop_image_pixels(
+    orientation: int, box: tuple[float, float, float, float], strategy: str, max_size: int | None, divisor: int
+) -> None:
+    raw = np.random.default_rng(orientation).integers(0, 255, (120, 160, 4), dtype=np.uint8)
+    pixels = orient(raw, orientation) if orientation else raw
+    rgb = Image.fromarray(np.ascontiguousarray(pixels[..., :3]))
+    window = crop_window(box, rgb.size, strategy) if _valid(box, rgb.size) else None
+    assume(window is not None)
+    assert window is not None
+    size = output_size(window, max_size)
+    scale = (1.0 / divisor, 1.0 / divisor)
+    # A stand-in for a DCT-scaled decode: the same reduced pixels on both sides.
+    source, small = rgb, pixels
+    if divisor > 1:
+        source, small = rgb.reduce(divisor), np.asarray(_pil_view(np.ascontiguousarray(pixels)).reduce(divisor))
+    expected = np.asarray(_render(source, window, size, scale))
+    assert np.array_equal(_render_pixels(_Source(small), window, size, scale)[..., :3], expected)
+
+
+def _valid(box: tuple[float, float, float, float], size: tuple[int, int]) -> bool:
+    try:
+        crop_window(box, size, "exact")
+    except ValueError:
+        return False
+    return True
