@@ -41,7 +41,7 @@ from tests.train_fixtures import FAST_OVERRIDES, make_prepared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_FILES = ("classification_ds.csv", "label_index.json", "splits.json")
-DEMO = DemoSettings(seed=11, locations=6, images_per_location=8, width=320, height=240)
+DEMO = DemoSettings(seed=11, locations=6, images_per_location=8, width=960, height=720)
 PREPARE_ARGS = ("split.trials=200", "split.min_locs=2")
 
 
@@ -204,8 +204,8 @@ def test_prepare_killed_in_the_crop_stage_resumes_to_the_same_result(
     args = prepare_args(coco_file, images_dir, resumed, "crops.workers=1")
     process = start("prepare.py", args, log)
     crops = resumed / "crops"
-    # kill once a third of the crops are on disk: squarely inside the crop stage
-    reached = wait_for(lambda: crop_count(resumed) >= n_crops // 3, process)
+    # kill as soon as the first crops are on disk: squarely inside the crop stage, however fast the machine
+    reached = wait_for(lambda: crop_count(resumed) >= 1, process)
     assert kill(process) and reached, "the run finished before it could be killed"
     partial = crop_files(resumed)
     assert 0 < len(partial) < n_crops
