@@ -17,7 +17,8 @@ Strategies (``crops.strategy``):
 
 ``crops.max_size`` caps the longer saved side; crops are never enlarged. When it is set, JPEGs are decoded with
 libjpeg's DCT scaling at 1/2, 1/4 or 1/8 scale whenever every crop of the image still gets at least its saved size at
-that scale; shrinking is a box (area-average) filter, by whole factors with ``Image.reduce`` first.
+that scale; shrinking is done by OpenCV when installed (2x area-average halvings, then bilinear for the last
+factor below 2), otherwise by PIL's box (area-average) filter, by whole factors with ``Image.reduce`` first.
 
 Decoding: baseline RGB and grayscale JPEGs (most camera-trap images) are decoded by libjpeg-turbo through
 ``simplejpeg`` straight into a numpy array, with the same accurate IDCT and upsampling as PIL (the same pixels,
@@ -34,6 +35,7 @@ decompression-bomb limit are refused with :class:`ImageLoadError`, never cropped
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -243,6 +245,54 @@ def _layout(window: CropWindow, out_size: tuple[int, int]) -> _Layout:
     return _Layout((cut_w, cut_h), (offset_x, offset_y))
 
 
+def _source_rect(window: CropWindow, scale: tuple[float, float], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``window``'s cut rectangle in pixels of an image decoded at ``scale`` (``size``), rounded to whole pixels.
+
+    OpenCV resizes whole-pixel rectangles only; at a DCT scale of 1/k the edge moves by at most half a decoded pixel.
+    """
+    sx, sy = scale
+    width, height = size
+    left = min(max(_round_half_up(window.left * sx), 0), width - 1)
+    top = min(max(_round_half_up(window.top * sy), 0), height - 1)
+    right = min(max(_round_half_up(window.right * sx), left + 1), width)
+    bottom = min(max(_round_half_up(window.bottom * sy), top + 1), height)
+    return left, top, right, bottom
+
+
+def _shrink(cv2: Any, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``pixels`` (``(h, w, 4)`` uint8) resized to ``size`` (width, height) with OpenCV.
+
+    Halvings with ``INTER_AREA`` (a 2x2 box average, SIMD in OpenCV) while both sides stay at least twice the target,
+    then one ``INTER_LINEAR`` step for the remaining ratio below 2 (where it is close to a box filter). OpenCV's
+    ``INTER_AREA`` at other ratios is scalar code, slower than PIL's box filter, hence the split.
+    """
+    if pixels.strides[0] <= 0 or pixels.strides[1:] != (4, 1):
+        pixels = np.ascontiguousarray(pixels)  # a crop of an EXIF-rotated view
+    out_w, out_h = size
+    height, width = pixels.shape[:2]
+    while width >= 2 * out_w and height >= 2 * out_h:
+        width, height = width // 2, height // 2
+        pixels = cv2.resize(pixels[: 2 * height, : 2 * width], (width, height), interpolation=cv2.INTER_AREA)
+    if (width, height) == size:
+        return pixels
+    # One side may still be over twice its target (a very elongated cut): area-average it, as linear would alias.
+    flag = cv2.INTER_AREA if width >= 2 * out_w or height >= 2 * out_h else cv2.INTER_LINEAR
+    resized: np.ndarray = cv2.resize(pixels, size, interpolation=flag)
+    return resized
+
+
+@functools.cache
+def _opencv() -> Any:
+    """OpenCV, single-threaded (crops are already made in parallel processes), or None when it is not installed."""
+    try:
+        # Optional and heavy: imported on first resize, in the process that resizes (after any fork).
+        import cv2
+    except ImportError:
+        return None
+    cv2.setNumThreads(1)
+    return cv2
+
+
 def _render(
     image: Image.Image,
     window: CropWindow,
@@ -252,14 +302,18 @@ def _render(
     """Cut ``window`` (full-resolution coordinates) from ``image`` decoded at ``scale`` and lay it out at
     ``out_size``.
 
-    Resampling is the same as in the crops stage's :func:`_render_pixels` (the same PIL call on the same source
+    Resampling is the same as in the crops stage's :func:`_render_pixels` (the same call on the same source
     rectangle), so a crop made here from :func:`load_image` has the pixels the stage saved before JPEG encoding.
     """
     layout = _layout(window, out_size)
     sx, sy = scale
     source = (window.left * sx, window.top * sy, window.right * sx, window.bottom * sy)
+    cv2 = _opencv()
     if layout.cut == (window.width, window.height) and scale == (1.0, 1.0):
         cut = to_rgb(image.crop((window.left, window.top, window.right, window.bottom)))
+    elif cv2 is not None:
+        rgbx = np.asarray(to_rgb(image.crop(_source_rect(window, scale, image.size))).convert("RGBX"))
+        cut = Image.fromarray(np.ascontiguousarray(_shrink(cv2, rgbx, layout.cut)[..., :3]))
     elif image.mode in _RESAMPLABLE_MODES:
         cut = to_rgb(image.resize(layout.cut, _DOWNSCALE, box=source, reducing_gap=_REDUCING_GAP))
     else:
@@ -320,6 +374,10 @@ def _render_pixels(
     layout = _layout(window, out_size)
     if layout.cut == (window.width, window.height) and scale == (1.0, 1.0):
         cut = source.pixels[window.top : window.bottom, window.left : window.right]
+    elif (cv2 := _opencv()) is not None:
+        height, width = source.pixels.shape[:2]
+        left, top, right, bottom = _source_rect(window, scale, (width, height))
+        cut = _shrink(cv2, source.pixels[top:bottom, left:right], layout.cut)
     else:
         sx, sy = scale
         box = (window.left * sx, window.top * sy, window.right * sx, window.bottom * sy)

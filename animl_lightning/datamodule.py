@@ -18,11 +18,12 @@ from lightning import LightningDataModule
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from timm.data.transforms_factory import create_transform
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torchvision import transforms
 from typing_extensions import override
 
 from animl_lightning.dataset_files import SPLIT_NAMES, PreparedDataset, load_prepared_dataset
+from animl_lightning.samplers import DistributedWeightedSampler, UnpaddedDistributedSampler
 from animl_lightning.sampling import confidence_weights, label_balanced_weights
 
 log = logging.getLogger(__name__)
@@ -343,8 +344,11 @@ class CropDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader[CropItem]:
         dataset = self.dataset("train", augment=True)
         weights = self.train_sample_weights()
-        sampler = None
-        if weights is not None:
+        sampler: Sampler[int] | None = None
+        if weights is not None and _world_size() > 1:
+            # One weighted draw per epoch shared out disjointly over the ranks (see animl_lightning.samplers).
+            sampler = DistributedWeightedSampler(weights, seed=torch.initial_seed())
+        elif weights is not None:
             sampler = WeightedRandomSampler(
                 torch.as_tensor(weights, dtype=torch.double),  # type: ignore[arg-type]  # torch accepts tensors
                 num_samples=len(dataset),
@@ -355,7 +359,8 @@ class CropDataModule(LightningDataModule):
             self.batch_size,
             shuffle=sampler is None,
             sampler=sampler,
-            drop_last=self.drop_last and len(dataset) > self.batch_size,
+            # per rank: a shard shorter than one batch would otherwise yield no batch at all
+            drop_last=self.drop_last and len(dataset) // _world_size() > self.batch_size,
         )
 
     @override
@@ -367,8 +372,14 @@ class CropDataModule(LightningDataModule):
         return self.eval_dataloader(self.test_split)
 
     def eval_dataloader(self, split: str) -> DataLoader[CropItem]:
-        """Sequential loader over ``split`` with the eval transform (no augmentation), e.g. the train crops."""
-        return self._loader(self.dataset(split), self.eval_batch_size, shuffle=False)
+        """Sequential loader over ``split`` with the eval transform (no augmentation), e.g. the train crops.
+
+        Under DDP each rank reads its own unpadded share (:class:`UnpaddedDistributedSampler`), so that no crop is
+        counted twice in the gathered metrics.
+        """
+        dataset = self.dataset(split)
+        sampler = UnpaddedDistributedSampler(dataset) if _world_size() > 1 else None
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
 
     def _build(self, split: str, transform: Transform) -> CropDataset:
         rows = self.prepared.split_frame(split)
@@ -385,7 +396,7 @@ class CropDataModule(LightningDataModule):
         dataset: CropDataset,
         batch_size: int,
         shuffle: bool,
-        sampler: WeightedRandomSampler | None = None,
+        sampler: Sampler[int] | None = None,
         drop_last: bool = False,
     ) -> DataLoader[CropItem]:
         workers = self.num_workers
@@ -399,6 +410,13 @@ class CropDataModule(LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             drop_last=drop_last,
         )
+
+
+def _world_size() -> int:
+    """Number of processes of the initialised default process group (1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    return 1
 
 
 def _check_split(split: str) -> None:
