@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -388,6 +389,9 @@ def _user_error(err: BaseException) -> str | None:
         return _user_error(err.__cause__)
     if isinstance(err, DatasetError):
         return str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        # torch.load(weights_only=True) refusing a checkpoint that holds more than plain tensors and values
+        return f"refusing to load a checkpoint that is not plain weights (weights_only=True): {err}"
     if isinstance(err, ValueError):
         traceback = err.__traceback__
         while traceback is not None and traceback.tb_next is not None:
