@@ -704,7 +704,7 @@ CASES: list[tuple[str, Builder, Raises | Reported | Works]] = [
     (
         "md-bbox-negative",
         md_case(set_detection("bbox", [0.1, 0.1, -0.2, 0.2])),
-        Reported("boxes", "invalid_detection", "cam/a.jpg#0", "bbox"),
+        Reported("boxes", "degenerate_box", "cam/a.jpg#0", "bbox"),
     ),
     (
         "md-bbox-short",

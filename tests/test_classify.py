@@ -295,6 +295,13 @@ def test_folder_of_crops_is_classified(loaded: LoadedClassifier, tmp_path: Path)
         ),
         (lambda d: d.pop("detection_categories"), r"field 'detection_categories'"),
         (lambda d: d["images"][2].pop("file"), r"images\[2\]: field 'file'"),
+        (
+            lambda d: d["images"][1]["detections"][0].update(conf=1.5),
+            r"images\[1\] \(cam1/b.jpg\) detections\[0\]: field 'conf' must be a number in \[0, 1\]",
+        ),
+        (lambda d: d["images"].append({"file": "cam1/a.jpg"}), r"images\[7\] \(cam1/a.jpg\): field 'file' is listed"),
+        # The output is written as format 1.x, so a file of another format is refused rather than mislabelled.
+        (lambda d: d["info"].update(format_version="2.0"), r"info.format_version '2.0' is not a supported 1.x"),
     ],
 )
 def test_bad_detections_file_names_record_and_field(tmp_path: Path, change: Any, message: str) -> None:
@@ -303,7 +310,7 @@ def test_bad_detections_file_names_record_and_field(tmp_path: Path, change: Any,
     detections_file.write_text(json.dumps(original))
     with pytest.raises(ClassifyInputError, match=message) as caught:
         read_detections_file(detections_file)
-    assert str(detections_file) in str(caught.value)
+    assert str(caught.value).startswith(f"detections_file: {detections_file}: ")
 
 
 def test_settings_name_the_bad_key() -> None:
@@ -392,3 +399,16 @@ def test_cli_reports_bad_input_without_traceback(
 def test_torch_threads_untouched() -> None:
     # classify must not leave global torch state changed for the caller (guards against set_num_threads hacks).
     assert torch.get_num_threads() >= 1
+
+
+def test_a_zero_width_box_fails_that_detection_only(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, original = write_megadetector_file(tmp_path)
+    original["images"][0]["detections"][0]["bbox"] = [0.1, 0.2, 0.0, 0.25]  # rounded to zero width by the detector
+    detections_file.write_text(json.dumps(original))
+    output = tmp_path / "classified.json"
+    settings = ClassifySettings(threshold=0.8, min_conf=0.0, num_workers=0)
+    summary = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
+    first = _read(output)["images"][0]["detections"]
+    assert "classifications" not in first[0]
+    assert first[3]["classifications"]  # the other animal box of the same image is still classified
+    assert any(f["file"] == "cam1/a.jpg" and f["detection"] == 0 for f in summary.failures)

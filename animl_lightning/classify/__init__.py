@@ -47,6 +47,7 @@ from animl_lightning.inference import (
     classify_requests,
     top_k,
 )
+from animl_lightning.megadetector import DetectionsError, read_results_strict
 
 log = logging.getLogger(__name__)
 
@@ -149,52 +150,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate_detections(results: Any, path: str | Path) -> dict[str, Any]:
-    """Check the parts of a MegaDetector results dict that classify reads; raise naming record and field."""
-    if not isinstance(results, dict):
-        raise _fail(path, f"expected a JSON object with 'images', got {type(results).__name__}")
-    images = results.get("images")
-    if not isinstance(images, list):
-        raise _fail(path, "field 'images' is missing or not a list")
-    categories = results.get("detection_categories")
-    if not isinstance(categories, dict) or not all(isinstance(v, str) for v in categories.values()):
-        raise _fail(path, "field 'detection_categories' is missing or not a {id: name} object")
-    if "info" in results and not isinstance(results["info"], dict):
-        raise _fail(path, "field 'info' is not an object")
-    seen: set[str] = set()
-    for i, image in enumerate(images):
-        if not isinstance(image, dict):
-            raise _fail(path, f"images[{i}] is not an object")
-        name = image.get("file")
-        if not isinstance(name, str) or not name:
-            raise _fail(path, f"images[{i}]: field 'file' is missing or empty")
-        if name in seen:
-            raise _fail(path, f"images[{i}] ({name}): file listed twice")
-        seen.add(name)
-        detections = image.get("detections")
-        if detections is None:
-            continue
-        if not isinstance(detections, list):
-            raise _fail(path, f"images[{i}] ({name}): field 'detections' is not a list")
-        for j, detection in enumerate(detections):
-            where = f"images[{i}] ({name}) detections[{j}]"
-            if not isinstance(detection, dict):
-                raise _fail(path, f"{where} is not an object")
-            if str(detection.get("category")) not in categories:
-                raise _fail(
-                    path, f"{where}: field 'category' {detection.get('category')!r} is not in detection_categories"
-                )
-            if not _is_number(detection.get("conf")):
-                raise _fail(path, f"{where}: field 'conf' must be a number, got {detection.get('conf')!r}")
-            bbox = detection.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-                raise _fail(path, f"{where}: field 'bbox' must be [x, y, width, height] numbers, got {bbox!r}")
-    return results
-
-
 def read_detections_file(path: str | Path) -> dict[str, Any]:
-    """Read and validate a MegaDetector results file."""
-    return validate_detections(_read_json(path, "detections_file"), path)
+    """Read a MegaDetector results file, refusing it at the first bad record; the raw dict is kept for the output.
+
+    The format (including the 1.x version, since the output is written as 1.x) is checked by
+    :func:`animl_lightning.megadetector.read_results_strict`; here its error becomes a :class:`ClassifyInputError`
+    naming the setting too.
+    """
+    try:
+        return read_results_strict(path)
+    except DetectionsError as error:
+        raise ClassifyInputError(f"detections_file: {error}") from error
 
 
 def detections_from_cct(cct_path: str | Path, images_dir: str | Path) -> dict[str, Any]:
