@@ -17,6 +17,7 @@ import numpy as np
 import timm
 import torch
 from lightning import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from timm.data.config import resolve_model_data_config
 from torch import Tensor, nn
@@ -280,15 +281,26 @@ class CropClassifier(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A resumed run draws the same batches, augmentations and dropout masks as an uninterrupted one.
-        checkpoint[RNG_STATES_KEY] = capture_rng_states()
+        states = capture_rng_states()
+        checkpoint[RNG_STATES_KEY] = states
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every DDP rank has its own generators but only rank 0 writes the file, so it must hold all of them.
+            # Lightning's Trainer.save_checkpoint builds the dict (and calls this hook) on every rank before its own
+            # barrier, so this collective is met by all ranks whenever the save itself can complete.
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, states)
+            checkpoint[RNG_STATES_PER_RANK_KEY] = per_rank
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.temperature = temperature_of(checkpoint)
-        states = checkpoint.get(RNG_STATES_KEY)
-        # Each DDP rank has its own generators but only rank 0's are saved: restore them in single-process runs only.
-        if isinstance(states, dict) and (self._trainer is None or self.trainer.world_size == 1):
-            self._resume_rng = states
+        # Only a resumed fit draws from the generators again; evaluation and inference loads leave them alone.
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        states, inexact = rng_states_to_restore(checkpoint, self.trainer.global_rank, self.trainer.world_size)
+        if inexact is not None and self.trainer.is_global_zero:
+            log.warning("resume is not bit-exact: %s", inexact)
+        self._resume_rng = dict(states) if states is not None else None
 
     @override
     def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -363,7 +375,9 @@ class CropClassifier(LightningModule):
             log.info("epoch %d: training %s", self.current_epoch, "the head only" if frozen else "all layers")
 
 
+# Rank 0's generator states (all a single-process resume needs) and, under DDP, every rank's, indexed by global rank.
 RNG_STATES_KEY = "rng_states"
+RNG_STATES_PER_RANK_KEY = "rng_states_per_rank"
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -392,6 +406,32 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
         torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def rng_states_to_restore(
+    checkpoint: Mapping[str, Any], rank: int, world_size: int
+) -> tuple[Mapping[str, Any] | None, str | None]:
+    """The generator states that process ``rank`` of ``world_size`` restores when resuming from ``checkpoint``.
+
+    Returns:
+        ``(states, inexact)``: ``states`` is None when the checkpoint holds none that belong to this rank (the
+        generators then keep their seeded state); ``inexact`` says why the resumed run will not draw exactly the
+        random numbers of the uninterrupted one, and is None when it will.
+    """
+    per_rank = checkpoint.get(RNG_STATES_PER_RANK_KEY)
+    single = checkpoint.get(RNG_STATES_KEY)
+    single = single if isinstance(single, Mapping) else None
+    if isinstance(per_rank, list) and per_rank:
+        if len(per_rank) == world_size and isinstance(per_rank[rank], Mapping):
+            return per_rank[rank], None
+        mismatch = f"the checkpoint was saved by {len(per_rank)} DDP processes and this run has {world_size}"
+        # One process continues as rank 0 did; with several, no saved state belongs to a given rank.
+        return (single if world_size == 1 else None), mismatch
+    if single is None:
+        return None, "the checkpoint holds no random generator states"
+    if world_size == 1:
+        return single, None
+    return None, f"the checkpoint holds one process's random generator states and this run has {world_size}"
 
 
 def load_pretrained_file(model: nn.Module, path: str | Path) -> None:

@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.multiprocessing.spawn import spawn
 from torch.utils.data import DistributedSampler
 
 import train as train_script
+from animl_lightning.classifier import RNG_STATES_KEY, RNG_STATES_PER_RANK_KEY, rng_states_to_restore
 from animl_lightning.datamodule import CropDataModule
 from animl_lightning.samplers import DistributedWeightedSampler, UnpaddedDistributedSampler
 from animl_lightning.sweep_summary import SUMMARY_FILENAME
@@ -97,6 +99,28 @@ def test_ddp_trainer_config_composes(tmp_path: Path) -> None:
     )
     assert isinstance(trainer.strategy, DDPStrategy)
     assert trainer.world_size == 2 and trainer.num_nodes == 1
+
+
+def test_each_rank_resumes_with_its_own_generator_states() -> None:
+    per_rank = [{"torch": torch.tensor([rank], dtype=torch.uint8)} for rank in range(2)]
+    ddp = {RNG_STATES_KEY: per_rank[0], RNG_STATES_PER_RANK_KEY: per_rank}
+    for rank in range(2):
+        assert rng_states_to_restore(ddp, rank, 2) == (per_rank[rank], None)
+    # One process continues as rank 0 did, but the batches are no longer those of the 2-process run.
+    states, inexact = rng_states_to_restore(ddp, 0, 1)
+    assert states is per_rank[0] and inexact is not None and "2 DDP processes" in inexact
+    for rank in range(3):
+        states, inexact = rng_states_to_restore(ddp, rank, 3)
+        assert states is None and inexact is not None and "this run has 3" in inexact
+
+    single = {RNG_STATES_KEY: per_rank[1]}
+    assert rng_states_to_restore(single, 0, 1) == (per_rank[1], None)
+    for rank in range(2):
+        states, inexact = rng_states_to_restore(single, rank, 2)
+        assert states is None and inexact is not None and "one process" in inexact
+    for world in (1, 2):
+        states, inexact = rng_states_to_restore({}, 0, world)
+        assert states is None and inexact is not None and "no random generator states" in inexact
 
 
 # ---------------------------------------------------------------- real process groups and fits (slow)
@@ -223,3 +247,66 @@ def test_sweep_of_ddp_jobs(ddp_data: Path, tmp_path: Path) -> None:
     for job in ("0", "1"):
         assert (sweep / job / "train_ddp_process_1.log").is_file()
         check_unpadded(sweep / job)
+
+
+@pytest.fixture(scope="module")
+def mixed_shape_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ddp_data`` with every other crop squashed to 64x28, as real crops come in many shapes.
+
+    The random resized crop retries until a window fits the image, so it draws more numbers for some shapes: the
+    ranks, which see different crops, end an epoch with different generator states (with crops of one shape they
+    would stay equal, as every rank is seeded alike, and restoring rank 0's states everywhere would pass unnoticed).
+    """
+    root = make_prepared_dataset(tmp_path_factory.mktemp("mixed_shape_data"), per_label=3)
+    for index, path in enumerate(sorted((root / "crops").rglob("*.jpg"))):
+        if index % 2:
+            with Image.open(path) as image:
+                squashed = image.resize((64, 28))
+            squashed.save(path, quality=90)
+    return root
+
+
+def max_weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+@pytest.mark.slow
+def test_ddp_resume_from_last_checkpoint_is_exact(mixed_shape_data: Path, tmp_path: Path) -> None:
+    def fit(run: Path, *extra: str) -> None:
+        run_train_script(
+            [
+                f"data_dir={mixed_shape_data}",
+                *SCRIPT_OVERRIDES,
+                "trainer=ddp",
+                "trainer.devices=2",
+                # the same cosine schedule whether the run stops after epoch 2 or not
+                "scheduler.T_max=3",
+                "test=false",
+                # Lightning 2.6 writes last.ckpt only together with a top-k save; without a monitor that is every epoch
+                "callbacks.model_checkpoint.monitor=null",
+                f"hydra.run.dir={run}",
+                *extra,
+            ],
+            cwd=tmp_path,
+        )
+
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    fit(reference, "trainer.max_epochs=3")
+    fit(resumed, "trainer.max_epochs=2")
+    last = resumed / "checkpoints" / "last.ckpt"
+    stopped = torch.load(last, map_location="cpu", weights_only=True)
+    assert stopped["epoch"] == 1
+    per_rank = stopped[RNG_STATES_PER_RANK_KEY]
+    assert len(per_rank) == 2
+    assert torch.equal(per_rank[0]["torch"], stopped[RNG_STATES_KEY]["torch"])  # indexed by global rank
+    assert not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])
+
+    fit(resumed, "trainer.max_epochs=3", f"ckpt_path={last}")
+    expected = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    got = torch.load(last, map_location="cpu", weights_only=True)
+    assert (got["epoch"], got["global_step"]) == (expected["epoch"], expected["global_step"]) == (2, 6)
+    assert max_weight_difference(got["state_dict"], expected["state_dict"]) == 0.0
+    assert "not bit-exact" not in (resumed / "train.log").read_text()
+    for name in ("overall.csv", "per_label.csv", "predictions_val.csv"):
+        assert (resumed / "metrics" / name).read_bytes() == (reference / "metrics" / name).read_bytes(), name
