@@ -232,7 +232,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Run the test loop on the train (eval transform), val and test crops; return every logged metric.
 
-    ``ckpt_path`` is loaded before the first split (``"best"`` = the checkpoint callback's best file); the others
+    ``ckpt_path`` is loaded before the first split; the others
     reuse those weights. Empty splits are skipped with a log line.
     """
     results: dict[str, float] = {}
@@ -363,7 +363,9 @@ def _fit_and_evaluate(
         trainer.strategy.barrier("calibrated")
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
-            eval_ckpt = "best"
+            # The path, not "best": with last_checkpoint there are two ModelCheckpoint callbacks, and the first one
+            # (trainer.checkpoint_callback) is the one that keeps the best.
+            eval_ckpt = checkpoint.best_model_path
             log.info("evaluating the best checkpoint %s", checkpoint.best_model_path)
         else:
             log.warning("no best checkpoint was saved; evaluating the final weights")

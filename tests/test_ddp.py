@@ -283,8 +283,6 @@ def test_ddp_resume_from_last_checkpoint_is_exact(mixed_shape_data: Path, tmp_pa
                 # the same cosine schedule whether the run stops after epoch 2 or not
                 "scheduler.T_max=3",
                 "test=false",
-                # Lightning 2.6 writes last.ckpt only together with a top-k save; without a monitor that is every epoch
-                "callbacks.model_checkpoint.monitor=null",
                 f"hydra.run.dir={run}",
                 *extra,
             ],

@@ -125,6 +125,15 @@ def test_evaluating_a_checkpoint_writes_the_same_tables(
     pd.testing.assert_frame_equal(first["overall"], second["overall"], rtol=1e-4)
 
 
+def test_last_checkpoint_is_written_every_epoch_even_without_improvement(data_dir: Path, tmp_path: Path) -> None:
+    # Nothing can learn (frozen backbone in eval mode, head at lr 0): the monitored metric never improves after epoch 0.
+    run_train(data_dir, tmp_path, "optimizer.lr=0.0", "model.finetune_epochs=10", "trainer.max_epochs=3")
+    checkpoints = tmp_path / "checkpoints"
+    assert torch.load(checkpoints / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2  # resume continues from here
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_resume_from_last_checkpoint(fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path) -> None:
     output, _ = fitted
     last = output / "checkpoints" / "last.ckpt"

@@ -51,7 +51,11 @@ def test_defaults_and_the_readme_command_compose(tmp_path: Path) -> None:
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
     assert cfg.scheduler._target_.endswith("CosineAnnealingLR")
     assert list(cfg.logger) == ["csv"]
-    assert cfg.callbacks.model_checkpoint.filename == "best" and cfg.callbacks.model_checkpoint.save_last
+    assert cfg.callbacks.model_checkpoint.filename == "best" and not cfg.callbacks.model_checkpoint.save_last
+    assert cfg.callbacks.last_checkpoint.filename == "last"
+    callbacks = list(cfg.callbacks)
+    # trainer.checkpoint_callback is the first ModelCheckpoint: it must be the one that keeps the best
+    assert callbacks.index("model_checkpoint") < callbacks.index("last_checkpoint")
 
 
 @pytest.mark.parametrize("model", options("model"))
