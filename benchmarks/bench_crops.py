@@ -20,7 +20,8 @@ Every method but ``baseline_q75`` writes JPEGs at the same quality (``--quality`
 ``crops.quality``) so that only the work differs. Reports crops per second (best round and median round), crops per
 CPU-second (this process's threads plus its reaped worker processes: on a machine shared with other jobs, wall-clock
 figures say as much about the neighbours as about the code) and the ratios the issue sets as targets, and writes them
-to ``benchmarks/results/crops.json``.
+to ``benchmarks/results/crops.json``. ``breakdown_one_process`` splits one in-process run of the stage into decode,
+resample, encode and write time (cProfile), which shows how close the floor target can be got at all.
 
 Run: ``python benchmarks/bench_crops.py [--images 80] [--workers N] [--repeats 3] [--readings area side]``.
 """
@@ -28,10 +29,12 @@ Run: ``python benchmarks/bench_crops.py [--images 80] [--workers N] [--repeats 3
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
 import os
 import platform
+import pstats
 import resource
 import shutil
 import statistics
@@ -232,6 +235,72 @@ def run_stage(boxes: pd.DataFrame, images: Path, out: Path, workers: int, qualit
     return int(report.counts["crops"]["written"])
 
 
+# Stage functions whose cumulative time makes up the breakdown; each runs once per image or once per crop.
+BREAKDOWN_STEPS = {
+    "decode": "decode_image",  # read, header and EXIF, libjpeg-turbo decode at the needed DCT scale
+    "resample": "_render_pixels",  # cut the window, shrink to max_size (OpenCV), pad
+    "encode": "encode_crop",  # libjpeg-turbo encode
+    "write": "_save_crop",  # temporary file and rename
+}
+
+
+def stage_breakdown(
+    boxes: pd.DataFrame, images: Path, out: Path, quality: int, max_size: int | None
+) -> dict[str, float]:
+    """Where the crop stage's time goes: one in-process run (``workers=1``) of :func:`make_crops` under cProfile.
+
+    ``bound_over_decode`` is (decode + resample + encode) / decode: the stage-to-floor ratio that any stage decoding
+    each image once with this decoder and resampling and encoding every crop would have, even with free file writes
+    and bookkeeping; the floor target (1.25x) can only be met if it is under 1.25.
+    """
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    done = run_stage(boxes, images, out, 1, quality, max_size)
+    profile.disable()
+    total = time.perf_counter() - start
+    if done != len(boxes):
+        raise RuntimeError(f"breakdown run produced {done} crops, expected {len(boxes)}")
+    cumulative: dict[str, float] = {}
+    for (_file, _line, name), row in pstats.Stats(profile).stats.items():  # type: ignore[attr-defined]
+        cumulative[name] = cumulative.get(name, 0.0) + row[3]
+    steps = {step: cumulative[name] for step, name in BREAKDOWN_STEPS.items()}
+    result = {f"{step}_s": round(seconds, 3) for step, seconds in steps.items()}
+    result["other_s"] = round(total - sum(steps.values()), 3)
+    result["total_s"] = round(total, 3)
+    result["bound_over_decode"] = round((steps["decode"] + steps["resample"] + steps["encode"]) / steps["decode"], 3)
+    result["actual_over_decode"] = round(total / steps["decode"], 3)
+    return result
+
+
+def dct_scale_costs(paths: list[Path], repeats: int = 2) -> dict[str, float]:
+    """Seconds to decode every image once (one process, best of ``repeats``) at each DCT scale 1/1, 1/2, 1/4, 1/8.
+
+    Shows how much draft-mode decoding saves on these files: only the inverse DCT, upsampling and colour conversion
+    shrink with the scale; the entropy decoding of the whole file does not.
+    """
+    costs = {}
+    for divisor in (1, 2, 4, 8):
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for path in paths:
+                decode_image(path, lambda _size, d=divisor: d)
+            best = min(best, time.perf_counter() - start)
+        costs[f"1/{divisor}"] = round(best, 3)
+    return costs
+
+
+def rows_below_last_crop(boxes: pd.DataFrame) -> float:
+    """Mean fraction of an image's rows below its lowest crop: what a decoder that stops early could skip."""
+    fractions = [
+        1
+        - max(crop_window((r.x, r.y, r.w, r.h), (WIDTH, HEIGHT), "square").bottom for r in group.itertuples()) / HEIGHT
+        for _, group in boxes.groupby("file_name", sort=False)
+    ]
+    return round(float(np.mean(fractions)), 3)
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its finished children (pool workers are reaped on shutdown)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -291,6 +360,12 @@ def measure(
                 f"(cpu {cpu[name][-1]:5.2f} s, load {os.getloadavg()[0]:.1f})",
                 flush=True,
             )
+    breakdown = {}
+    for name, max_size in (("stage_full", None), ("stage_600", 600)):
+        out = out_root / f"breakdown_{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        breakdown[name] = stage_breakdown(boxes, images_dir, out, quality, max_size)
+        print(f"[{label}] breakdown {name}: {breakdown[name]}", flush=True)
     shutil.rmtree(out_root, ignore_errors=True)
 
     best = {name: n_crops / min(t) for name, t in times.items()}
@@ -334,6 +409,8 @@ def measure(
         "targets_met_best": met(ratio_best),
         "targets_met_median": met(ratio_median),
         "targets_met_cpu": met(ratio_cpu),
+        "breakdown_one_process": breakdown,
+        "rows_below_last_crop_mean": rows_below_last_crop(boxes),
     }
 
 
@@ -382,6 +459,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         )
         for reading in args.readings
     }
+    decode_seconds_by_dct_scale = dct_scale_costs(paths)
+    print(f"decode seconds by DCT scale: {decode_seconds_by_dct_scale}", flush=True)
     headline = args.readings[0]
     low, high = args.box_range
     result: dict[str, object] = {
@@ -423,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 "stage_600": "make_crops, strategy=square, max_size=600",
             },
         },
+        "decode_seconds_by_dct_scale_one_process": decode_seconds_by_dct_scale,
         **readings[headline],
         "readings": {k: v for k, v in readings.items() if k != headline},
     }
