@@ -120,7 +120,7 @@ def test_callbacks_and_data_instantiate(tmp_path: Path) -> None:
     cfg = compose(tmp_path, "callbacks.early_stopping.patience=3")
     callbacks = train_script.instantiate_named(cfg.callbacks, "callbacks")
     kinds = {type(c).__name__ for c in callbacks}
-    assert {"ModelCheckpoint", "EarlyStopping", "LearningRateMonitor", "MetricTables"} <= kinds
+    assert {"BestCheckpoint", "LastCheckpoint", "EarlyStopping", "LearningRateMonitor", "MetricTables"} <= kinds
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     assert checkpoint.monitor == "val/balanced_accuracy" and checkpoint.dirpath == str(tmp_path / "out" / "checkpoints")
     assert next(c for c in callbacks if isinstance(c, EarlyStopping)).patience == 3
