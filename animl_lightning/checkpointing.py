@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
@@ -34,11 +35,19 @@ class BestCheckpoint(ModelCheckpoint):
     behaviour applies.
     """
 
+    _stage: str | None = None
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # Lightning restores callback state for evaluation too (trainer.test(ckpt_path=...)); only a fit carries over.
+        self._stage = stage
+
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         previous_dir = state_dict.get("dirpath", self.dirpath)
         kept: dict[str, Any] = state_dict.get("best_k_models") or {}
-        if self.dirpath is None or previous_dir == self.dirpath or not kept:
+        if self._stage != "fit" or self.dirpath is None or previous_dir == self.dirpath or not kept:
             super().load_state_dict(state_dict)
             return
         # Like Lightning's own checkpoint writes, only global rank 0 touches the files.

@@ -47,6 +47,12 @@ class ScriptedScore(lightning.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val/score", self.scores[self.current_epoch])
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test/loss", self.layer(batch[0]).pow(2).mean())
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self.val_dataloader()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -57,9 +63,9 @@ class ScriptedScore(lightning.LightningModule):
         return DataLoader(TensorDataset(torch.randn(2, 2)), batch_size=2)
 
 
-def _fit(folder: Path, epochs: int, ckpt_path: Path | None = None) -> BestCheckpoint:
+def _trainer(folder: Path, epochs: int) -> lightning.Trainer:
     best = BestCheckpoint(dirpath=folder, filename="best", monitor="val/score", mode="max", save_top_k=1)
-    trainer = lightning.Trainer(
+    return lightning.Trainer(
         max_epochs=epochs,
         callbacks=[best, LastCheckpoint(folder)],
         logger=False,
@@ -67,8 +73,13 @@ def _fit(folder: Path, epochs: int, ckpt_path: Path | None = None) -> BestCheckp
         enable_model_summary=False,
         accelerator="cpu",
     )
+
+
+def _fit(folder: Path, epochs: int, ckpt_path: Path | None = None) -> BestCheckpoint:
+    trainer = _trainer(folder, epochs)
     trainer.fit(ScriptedScore([0.5, 0.9, 0.3, 0.4]), ckpt_path=ckpt_path, weights_only=False)
-    assert trainer.checkpoint_callback is best
+    best = trainer.checkpoint_callback
+    assert isinstance(best, BestCheckpoint)
     return best
 
 
@@ -81,6 +92,15 @@ def test_resume_in_a_new_folder_keeps_the_best_checkpoint(tmp_path: Path) -> Non
     assert torch.load(second / "best.ckpt", weights_only=False)["epoch"] == 1
     assert torch.load(second / "last.ckpt", weights_only=False)["epoch"] == 3
     assert (first / "best.ckpt").is_file()  # the old folder is left as it was
+
+
+def test_evaluating_a_carried_checkpoint_copies_nothing(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    _fit(first, 2)
+    _fit(second, 4, first / "last.ckpt")
+    (first / "best.ckpt").write_bytes(b"not a checkpoint")  # would land in second/ if evaluation carried again
+    _trainer(second, 4).test(ScriptedScore([0.0]), ckpt_path=second / "best.ckpt", weights_only=False, verbose=False)
+    assert torch.load(second / "best.ckpt", weights_only=False)["epoch"] == 1
 
 
 def test_resume_in_a_new_folder_still_replaces_a_worse_best(tmp_path: Path) -> None:
