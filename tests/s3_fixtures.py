@@ -1,7 +1,7 @@
 """A real S3 endpoint for tests: moto's standalone server on loopback (never a patched boto3).
 
-Use it from a test module with ``from tests.s3_fixtures import s3_server  # noqa: F401`` and a test argument
-``s3_server`` (ruff also wants ``F811`` on the tests then), or wrap :func:`clean_s3` in a fixture of your own. The
+``tests/conftest.py`` loads this module as a pytest plugin, so a test only takes an ``s3_server`` argument; or wrap
+:func:`clean_s3` in a fixture of your own. The
 server starts once per test process on a free port of 127.0.0.1; each test gets a clean state (every bucket
 deleted), fake credentials in the environment (``AWS_ACCESS_KEY_ID=testing`` ...) and isolation from any AWS config
 or credentials file on the machine.
@@ -13,6 +13,7 @@ Fault tests can wrap :attr:`S3Server.endpoint_url` in their own proxy (throttlin
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import urllib.request
 from collections.abc import Mapping
@@ -23,13 +24,25 @@ from typing import Any
 import pytest
 
 REGION = "us-east-1"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SECURITY_TOKEN": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": REGION,
-}
+
+
+def aws_environment(
+    access_key_id: str = "testing", secret: str = "testing", session_token: str = "testing"
+) -> dict[str, str]:
+    """Environment variables for talking to the loopback server: throwaway credentials, none of the host's AWS config
+    files or instance metadata, and no proxy for loopback. For ``monkeypatch.setenv`` and for subprocess ``env``."""
+    return {
+        "AWS_ACCESS_KEY_ID": access_key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_SECURITY_TOKEN": session_token,
+        "AWS_SESSION_TOKEN": session_token,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
 
 
 @dataclass(frozen=True)
@@ -91,27 +104,21 @@ def shared_server() -> S3Server:
         return _SERVER
 
 
-def clean_s3(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+def clean_s3(monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """Reset the shared server and point the AWS environment at fake credentials; returns the server.
 
-    For a fixture of another name: ``@pytest.fixture def s3(monkeypatch, tmp_path_factory): return clean_s3(...)``.
+    For a fixture of another name: ``@pytest.fixture def s3(monkeypatch): return clean_s3(monkeypatch)``.
     """
     server = shared_server()
-    for name, value in CREDENTIALS.items():
+    for name, value in aws_environment().items():
         monkeypatch.setenv(name, value)
-    empty = tmp_path_factory.mktemp("aws") / "none"
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
-    # Loopback must never go through a proxy from the environment.
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     server.reset()
     return server
 
 
 @pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """A clean moto S3 server on loopback with fake credentials in the environment."""
-    return clean_s3(monkeypatch, tmp_path_factory)
+    return clean_s3(monkeypatch)

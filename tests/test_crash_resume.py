@@ -37,26 +37,13 @@ from animl_lightning.demo import generate_demo_project
 from animl_lightning.files import TMP_MARKER
 from animl_lightning.prepare_config import DemoSettings
 from tests.fault_proxy import FaultRule, fault_proxy, moto_server
+from tests.s3_fixtures import aws_environment
 from tests.train_fixtures import FAST_OVERRIDES, make_prepared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_FILES = ("classification_ds.csv", "label_index.json", "splits.json")
 DEMO = DemoSettings(seed=11, locations=6, images_per_location=8, width=960, height=720)
 PREPARE_ARGS = ("split.trials=200", "split.min_locs=2")
-
-
-def aws_env() -> dict[str, str]:
-    return {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        # loopback must never go through a proxy from the environment
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
 
 
 # --- running and killing ---------------------------------------------------------------------------------------
@@ -68,7 +55,7 @@ def start(script: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, script, *args],
         cwd=ROOT,
-        env={**os.environ, **aws_env(), "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **aws_environment(), "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"},
         stdout=handle,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -232,7 +219,7 @@ def s3_demo(demo: tuple[Path, Path, dict[str, bytes]]) -> Iterator[tuple[Path, s
     coco_file, _, sources = demo
     cct = json.loads(coco_file.read_text(encoding="utf-8"))
     bucket = f"crash-{uuid.uuid4().hex[:10]}"
-    for name, value in aws_env().items():
+    for name, value in aws_environment().items():
         os.environ.setdefault(name, value)
     with moto_server() as endpoint:
         client = boto3.client(

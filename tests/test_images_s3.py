@@ -17,15 +17,10 @@ from animl_lightning.cct import load_cct
 from animl_lightning.images import ImagesError, RetryPolicy, _with_retries, ensure_images, is_transient
 from animl_lightning.prepare_config import S3Settings
 from animl_lightning.report import PrepareReport
-from tests.s3_fixtures import S3Server, clean_s3
+from tests.s3_fixtures import S3Server
 
 BUCKET = "animl-images-serving-test"
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02, budget_s=5)
-
-
-@pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
-    return clean_s3(monkeypatch, tmp_path_factory)
 
 
 def _jpeg(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:

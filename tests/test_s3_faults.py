@@ -31,6 +31,7 @@ from animl_lightning.images import RetryPolicy, ensure_images
 from animl_lightning.prepare_config import S3Settings
 from animl_lightning.report import PrepareReport
 from tests.fault_proxy import FaultProxy, FaultRule, fault_proxy, moto_server
+from tests.s3_fixtures import aws_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCESS_KEY_ID = "AKIARELIABILITYTEST7"
@@ -41,18 +42,7 @@ FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.05, max_delay=0.4, budget_s=20
 
 def aws_env() -> dict[str, str]:
     """Credentials of a throwaway identity, and no shared config files from the host."""
-    return {
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_SESSION_TOKEN": SESSION_TOKEN,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        # loopback must never go through a proxy from the environment
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
+    return aws_environment(ACCESS_KEY_ID, SECRET, SESSION_TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from animl_lightning.inference import CheckpointError, load_classifier
 from animl_lightning.labels import LabelSpecError, load_label_spec
 from animl_lightning.pipeline import run_prepare
 from animl_lightning.prepare_config import CropSettings, PrepareSettings, S3Settings, SplitSettings
-from tests.s3_fixtures import S3Server, s3_server  # noqa: F401  (fixture)
+from tests.s3_fixtures import S3Server
 from tests.train_fixtures import compose_train, make_prepared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
 
-def test_no_path_from_input_data_escapes_its_root(tmp_path: Path, s3_server: S3Server) -> None:  # noqa: F811
+def test_no_path_from_input_data_escapes_its_root(tmp_path: Path, s3_server: S3Server) -> None:
     work = tmp_path / "work"
     images_dir, output_dir = work / "images", work / "out"
     # bait files a path traversal would read or overwrite
