@@ -75,9 +75,11 @@ def _trainer(folder: Path, epochs: int) -> lightning.Trainer:
     )
 
 
-def _fit(folder: Path, epochs: int, ckpt_path: Path | None = None) -> BestCheckpoint:
+def _fit(
+    folder: Path, epochs: int, ckpt_path: Path | None = None, scores: tuple[float, ...] = (0.5, 0.9, 0.3, 0.4)
+) -> BestCheckpoint:
     trainer = _trainer(folder, epochs)
-    trainer.fit(ScriptedScore([0.5, 0.9, 0.3, 0.4]), ckpt_path=ckpt_path, weights_only=False)
+    trainer.fit(ScriptedScore(list(scores)), ckpt_path=ckpt_path, weights_only=False)
     best = trainer.checkpoint_callback
     assert isinstance(best, BestCheckpoint)
     return best
@@ -105,17 +107,9 @@ def test_evaluating_a_carried_checkpoint_copies_nothing(tmp_path: Path) -> None:
 
 def test_resume_in_a_new_folder_still_replaces_a_worse_best(tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    trainer_scores = [0.5, 0.9, 0.3, 0.95]  # the last resumed epoch beats the carried best
-    for folder, epochs, ckpt in ((first, 2, None), (second, 4, first / "last.ckpt")):
-        best = BestCheckpoint(dirpath=folder, filename="best", monitor="val/score", mode="max")
-        lightning.Trainer(
-            max_epochs=epochs,
-            callbacks=[best, LastCheckpoint(folder)],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-        ).fit(ScriptedScore(trainer_scores), ckpt_path=ckpt, weights_only=False)
+    scores = (0.5, 0.9, 0.3, 0.95)  # the last resumed epoch beats the carried best
+    _fit(first, 2, scores=scores)
+    best = _fit(second, 4, first / "last.ckpt", scores=scores)
     assert float(best.best_model_score) == pytest.approx(0.95)  # type: ignore[arg-type]
     assert torch.load(second / "best.ckpt", weights_only=False)["epoch"] == 3
     assert sorted(p.name for p in second.iterdir()) == ["best.ckpt", "last.ckpt"]
