@@ -4,9 +4,10 @@ A resumed run gets a new Hydra run folder unless ``hydra.run.dir`` names the old
 then forgets the best score (it only restores it into the same folder), so the first epoch after the resume becomes
 "best" whatever its score, and the run is evaluated on it. :class:`BestCheckpoint` carries the best checkpoints over.
 
-Since Lightning 2.6, ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` only in an epoch that also saved a
-top-k checkpoint, that is when the monitored metric improved. A run whose metric plateaus then leaves ``last.ckpt``
-at the best epoch, and ``ckpt_path=<run>/checkpoints/last.ckpt`` silently repeats every epoch since. A checkpoint
+In Lightning 2.6 (read in 2.6.6's source), ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` only in an
+epoch that also saved a top-k checkpoint, that is when the monitored metric improved. A run whose metric plateaus
+then leaves ``last.ckpt`` at the best epoch, and ``ckpt_path=<run>/checkpoints/last.ckpt`` silently repeats every
+epoch since. A checkpoint
 callback without a monitor keeps its latest save, which is what ``last.ckpt`` must be.
 """
 
@@ -67,7 +68,8 @@ class BestCheckpoint(ModelCheckpoint):
 def carry_checkpoints(kept: dict[str, Any], folder: Path, copy: bool) -> dict[str, Any]:
     """``kept`` (path -> score) re-rooted in ``folder``; with ``copy``, the files are copied there atomically.
 
-    Paths whose file is gone are left out. Only one process per machine should copy; the others get the same mapping.
+    Paths whose file is gone are left out. Only one process (global rank 0) should copy; the others get the same
+    mapping.
     """
     carried: dict[str, Any] = {}
     for old, score in kept.items():

@@ -95,7 +95,8 @@ class RecordProblem:
     message: str
 
 
-def _is_number(value: Any) -> bool:
+def is_json_number(value: Any) -> bool:
+    """A finite JSON number (``true``/``false`` are not numbers here, although Python's bool is an int)."""
     return type(value) in (int, float) and math.isfinite(value)
 
 
@@ -210,9 +211,9 @@ def detection_problem(
     bbox: Any = raw.get("bbox")
     if not isinstance(category, str) or category not in categories:
         return bad("category", f"field 'category' {category!r} is not in detection_categories")
-    if not _is_number(conf) or not 0.0 <= conf <= 1.0:
+    if not is_json_number(conf) or not 0.0 <= conf <= 1.0:
         return bad("conf", f"field 'conf' must be a number in [0, 1], got {conf!r}")
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_json_number(v) for v in bbox):
         return bad("bbox", f"field 'bbox' must be 4 finite numbers [x, y, width, height], got {bbox!r}")
     if bbox[2] <= 0 or bbox[3] <= 0:
         return RecordProblem(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from animl_lightning.inference import (
     classify_requests,
     top_k,
 )
-from animl_lightning.megadetector import DetectionsError, read_results_strict
+from animl_lightning.megadetector import DetectionsError, is_json_number, read_results_strict
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +145,6 @@ def _read_json(path: str | Path, what: str) -> Any:
         raise _fail(source, f"is not valid JSON: {error}") from error
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def read_detections_file(path: str | Path) -> dict[str, Any]:
     """Read a MegaDetector results file, refusing it at the first bad record; the raw dict is kept for the output.
 
@@ -184,7 +179,7 @@ def detections_from_cct(cct_path: str | Path, images_dir: str | Path) -> dict[st
         if bbox is None:
             continue
         record = f"annotations[{i}] (id {annotation.get('id')!r})"
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_json_number(v) for v in bbox)):
             raise _fail(cct_path, f"{record}: field 'bbox' must be [x, y, width, height] pixels, got {bbox!r}")
         boxes.setdefault(str(annotation.get("image_id")), []).append([float(v) for v in bbox])
     images: list[dict[str, Any]] = []
@@ -206,7 +201,7 @@ def detections_from_cct(cct_path: str | Path, images_dir: str | Path) -> dict[st
             entry["detections"] = []
             images.append(entry)
             continue
-        if not (_is_number(width) and _is_number(height) and width > 0 and height > 0):
+        if not (is_json_number(width) and is_json_number(height) and width > 0 and height > 0):
             try:
                 width, height = image_display_size(safe_join(images_dir, name))
             except (OSError, UnsafePathError, ValueError) as error:
