@@ -4,21 +4,20 @@
     python prepare.py coco_file=export.json images_dir=images output_dir=data/mine s3.bucket=animl-images-serving-prod
 
 Stages: ingest -> images -> boxes -> crops -> labels -> dataset -> splits. See configs/prepare.yaml for every key.
+The Hydra edge only: compose and validate the settings, run :func:`animl_lightning.prepare.pipeline.run_prepare`,
+print the summary; errors become one line (:func:`animl_lightning.cli.run_command`).
 """
 
 from __future__ import annotations
-
-import logging
-import sys
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.pipeline import PrepareError, format_summary, run_prepare
-from animl_lightning.prepare_config import ConfigError, PrepareSettings
-
-log = logging.getLogger("prepare")
+from animl_lightning.cli import CONFIG_DIR, run_command
+from animl_lightning.core.errors import ConfigError
+from animl_lightning.prepare.config import PrepareSettings
+from animl_lightning.prepare.pipeline import format_summary, run_prepare
 
 ConfigStore.instance().store(name="prepare_schema", node=PrepareSettings)
 
@@ -31,17 +30,15 @@ def settings_from_config(cfg: DictConfig) -> PrepareSettings:
     return settings
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="prepare")
+def prepare(cfg: DictConfig) -> None:
+    """Validate the config, run the stages, print the summary."""
+    print(format_summary(run_prepare(settings_from_config(cfg))))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point: validate the config, run the stages, print the summary."""
-    try:
-        settings = settings_from_config(cfg)
-        summary = run_prepare(settings)
-    except (ConfigError, PrepareError) as err:
-        log.debug("prepare failed", exc_info=True)
-        print(f"prepare.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(format_summary(summary))
+    """Hydra entry point."""
+    run_command(lambda: prepare(cfg), "prepare.py")
 
 
 if __name__ == "__main__":

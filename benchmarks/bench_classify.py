@@ -2,9 +2,9 @@
 
 Generates camera-trap-sized JPEGs and a MegaDetector file, saves a real CropClassifier checkpoint of
 ``efficientnet_b3`` (``pretrained=False``: throughput does not depend on the weights), and times
-:func:`animl_lightning.classify.classify_detections` end to end (decode, crop, preprocess, forward, JSON) with the
-old script's batch size 1 and with batching + DataLoader workers, in the same run. On a machine with CUDA the GPU
-is measured too. Results go to ``benchmarks/results/classify.json``.
+:func:`animl_lightning.deploy.classify.classify_detections` end to end (decode, crop, preprocess, forward, JSON)
+with the old script's batch size 1 and with batching + DataLoader workers, in the same run. On a machine with CUDA
+the GPU is measured too. Results go to ``benchmarks/results/classify.json``.
 
 Run: ``python benchmarks/bench_classify.py [--images 48] [--detections-per-image 2]``
 """
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from animl_lightning.classifier import CropClassifier
-from animl_lightning.classify import ClassifySettings, classify_detections
-from animl_lightning.inference import load_classifier
+from animl_lightning.deploy.classify import ClassifySettings, classify_detections
+from animl_lightning.deploy.inference import load_classifier
+from animl_lightning.train.classifier import CropClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results" / "classify.json"
 MODEL = "efficientnet_b3"

@@ -13,7 +13,7 @@ boxes), under ``readings``. Then it times, interleaved over ``--repeats`` rounds
 (b) ``floor``: decode each image once with the crop stage's own decoder (:func:`decode_image`) and nothing else, in
     as many worker processes as (c); ``floor_600``: the same at the DCT scale the ``max_size=600`` crops of each image
     allow; ``floor_pil`` / ``floor_pil_600``: the same with PIL's decoder (the previous floor), for comparison;
-(c) ``stage_full`` / ``stage_600``: :func:`animl_lightning.crops.make_crops` with ``strategy=square`` at full
+(c) ``stage_full`` / ``stage_600``: :func:`animl_lightning.core.crop_rule.make_crops` with ``strategy=square`` at full
     resolution and with ``max_size=600``.
 
 Every method but ``baseline_q75`` writes JPEGs at the same quality (``--quality``, default 90 like
@@ -52,9 +52,11 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from animl_lightning.crops import crop_window, decode_image, draft_reduction, make_crops, output_size
-from animl_lightning.prepare_config import CropSettings, default_workers
-from animl_lightning.report import PrepareReport
+from animl_lightning.core.crop_rule import crop_window, draft_reduction, output_size
+from animl_lightning.core.imaging import decode_image
+from animl_lightning.core.issues import PrepareReport
+from animl_lightning.prepare.config import CropSettings, default_workers
+from animl_lightning.prepare.crop_stage import make_crops
 
 WIDTH, HEIGHT = 2048, 1536
 RESULTS = Path(__file__).resolve().parent / "results" / "crops.json"

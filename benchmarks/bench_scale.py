@@ -143,11 +143,11 @@ def run_stages(cct_path: Path, trials: int) -> dict[str, Any]:
     """Time each stage on ``cct_path``; return timings, counts and peak RSS of this process."""
     import logging
 
-    from animl_lightning.classification_dataset import build_dataset_frame
-    from animl_lightning.labels import apply_labels
-    from animl_lightning.prepare_config import DetectionSettings, LabelSettings, SplitSettings
-    from animl_lightning.report import PrepareReport
-    from animl_lightning.splits import make_splits, split_report
+    from animl_lightning.core.issues import PrepareReport
+    from animl_lightning.prepare.config import DetectionSettings, LabelSettings, SplitSettings
+    from animl_lightning.prepare.dataset import build_dataset_frame
+    from animl_lightning.prepare.labels import apply_labels
+    from animl_lightning.prepare.splits import make_splits, split_report
 
     logging.basicConfig(level=logging.ERROR)
     report = PrepareReport()
@@ -157,25 +157,25 @@ def run_stages(cct_path: Path, trials: int) -> dict[str, Any]:
 
     start = time.perf_counter()
     try:
-        from animl_lightning.cct import load_cct
+        from animl_lightning.core.cct import load_cct
     except ImportError:
         load_cct = None  # type: ignore[assignment]
     if load_cct is not None:
         project = load_cct(cct_path, report)
         images, annotations = project.images, project.annotations
-        notes["ingest"] = "animl_lightning.cct.load_cct"
+        notes["ingest"] = "animl_lightning.core.cct.load_cct"
     else:
         images, annotations = _plain_ingest(cct_path)
-        notes["ingest"] = "stand-in (json + pandas); animl_lightning.cct.load_cct not available"
+        notes["ingest"] = "stand-in (json + pandas); animl_lightning.core.cct.load_cct not available"
     times["ingest"] = time.perf_counter() - start
 
     start = time.perf_counter()
     boxes = None
     try:
-        from animl_lightning.boxes import collect_boxes
+        from animl_lightning.prepare.boxes import collect_boxes
 
         boxes = collect_boxes(project, images.assign(available=True), None, DetectionSettings(), report)
-        notes["boxes"] = "animl_lightning.boxes.collect_boxes"
+        notes["boxes"] = "animl_lightning.prepare.boxes.collect_boxes"
     except (ImportError, TypeError, NameError) as err:
         notes["boxes"] = f"vectorised stand-in ({type(err).__name__}: {err})"
         boxes = boxes_stand_in(images, annotations)

@@ -30,13 +30,13 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from animl_lightning.datamodule import CropDataModule
-from animl_lightning.dataset_files import (
+from animl_lightning.core.contract import (
     write_classification_csv,
     write_label_index,
     write_splits,
 )
-from animl_lightning.files import atomic_write_json
+from animl_lightning.core.files import atomic_write_json
+from animl_lightning.train.datamodule import CropDataModule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 MODEL = "efficientnet_b3"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 # The loopback S3 server fixture (s3_server) for every test module.
-pytest_plugins = ["tests.s3_fixtures"]
+pytest_plugins = ["tests.fixtures.s3"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

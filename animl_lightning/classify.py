@@ -1,0 +1,58 @@
+"""``python -m animl_lightning.classify checkpoint=CKPT detections_file=MD.json images_dir=DIR output_file=OUT.json``.
+
+Settings: ``configs/classify.yaml``. The Hydra edge only: the work is
+:func:`animl_lightning.deploy.classify.run_classify`; bad inputs end the run with one line naming the file, record
+and field (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from animl_lightning.cli import CONFIG_DIR, run_command
+from animl_lightning.core.errors import ConfigError
+from animl_lightning.deploy.classify import ClassifySettings, ClassifySummary, run_classify
+
+
+def _required(cfg: DictConfig, key: str) -> Any:
+    if OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
+        raise ConfigError(f"{key}: must be set (e.g. {key}=PATH on the command line)")
+    return cfg[key]
+
+
+def classify(cfg: DictConfig) -> ClassifySummary:
+    """Classify the configured input and print the summary."""
+    settings = ClassifySettings(
+        threshold=float(cfg.detections.threshold),
+        category=str(cfg.detections.category),
+        resume=bool(cfg.resume),
+        **OmegaConf.to_container(cfg.classify, resolve=True),  # type: ignore[arg-type]
+    )
+    summary = run_classify(
+        _required(cfg, "checkpoint"),
+        _required(cfg, "output_file"),
+        detections_file=cfg.detections_file,
+        cct_file=cfg.cct_file,
+        crops_dir=cfg.crops_dir,
+        images_dir=cfg.images_dir,
+        device=str(cfg.device),
+        settings=settings,
+        output_csv=cfg.output_csv or None,
+        classifier_name=cfg.classifier_name or None,
+    )
+    print(summary.table())
+    print(f"wrote {cfg.output_file}" + (f" and {cfg.output_csv}" if cfg.output_csv else ""))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="classify")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    run_command(lambda: classify(cfg), "classify")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,549 @@
+"""The crop rule: how a box becomes the pixels a model sees, for training crops, classify and deployment alike.
+
+One rule, one module: the crops stage of ``prepare.py`` (:mod:`animl_lightning.prepare.crop_stage`), the training
+data module (crop checks and the eval transform), ``classify``, the TorchServe handler and the ONNX server all call
+these functions, so the pixels never differ between training and production.
+
+Geometry is pure (:func:`crop_window`, :func:`output_size`): a box in displayed-image pixels becomes the integer
+rectangle to cut, the canvas it is placed on (black padding around it) and the saved size.
+
+Strategies (``crops.strategy``, :class:`CropRule`):
+
+``square``
+    A square of side ``max(w, h)`` centred on the box. At an image edge the square is shifted inward, the same way on
+    all four edges (the old rule shifted at the left/top edge only and let the square spill past the right/bottom:
+    pipeline.md 2.6). Only when the side exceeds the image's width (height) is the whole width (height) taken and the
+    crop padded with black, centred.
+``pad``
+    The exact box, padded with black (centred) to a square of side ``max(w, h)``.
+``exact``
+    The exact box.
+
+``crops.max_size`` caps the longer saved side; crops are never enlarged. When it is set, JPEGs are decoded with
+libjpeg's DCT scaling at 1/2, 1/4 or 1/8 scale whenever every crop of the image still gets at least its saved size at
+that scale (:func:`draft_reduction`); shrinking is done by OpenCV (2x area-average halvings, then bilinear for the
+last factor below 2), or by PIL's box (area-average) filter where OpenCV is missing. Rendering works on the decoded
+``RGBX`` array (:func:`render`); a crop kept at its size is a view of it.
+
+:class:`EvalTransform` is the model's deterministic preprocessing (resize the shorter side to ``size / crop_pct``,
+centre crop, scale to [0, 1], normalise), written with PIL and numpy to give exactly the tensor of timm's eval
+transform, so that a deployment needs neither torch's data stack nor timm to feed the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.imaging import DecodedImage, decode_image, pil_view, rgbx
+
+Box = tuple[float, float, float, float]
+CROP_STRATEGIES = ("square", "pad", "exact")
+# The smallest crops.max_size: below this, crops stop showing an animal.
+MIN_MAX_SIZE = 8
+_DRAFT_SCALES = (8, 4, 2)
+# Area averaging: a proper anti-aliasing filter for shrinking, and the cheapest one PIL has.
+_DOWNSCALE = Image.Resampling.BOX
+# Shrink by whole factors with Image.reduce (a fast box average, the same filter) before the fractional resize.
+_REDUCING_GAP = 1.0
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_EOI = b"\xff\xd9"
+
+
+class CropError(AnimlError, ValueError):
+    """A box gives no crop (not finite, or smaller than a pixel once rounded and clipped to the image)."""
+
+
+@dataclass(frozen=True)
+class CropRule:
+    """``crops.strategy`` and ``crops.max_size``: what prepare.py cut, recorded in the dataset and the checkpoint.
+
+    Raises:
+        ConfigError: an unknown strategy or a ``max_size`` below :data:`MIN_MAX_SIZE`.
+    """
+
+    strategy: str = "square"
+    max_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in CROP_STRATEGIES:
+            raise ConfigError(f"crops.strategy: must be one of {list(CROP_STRATEGIES)}, got {self.strategy!r}")
+        if self.max_size is not None and (
+            isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size < MIN_MAX_SIZE
+        ):
+            raise ConfigError(f"crops.max_size: must be null or an integer >= {MIN_MAX_SIZE}, got {self.max_size!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``{"strategy", "max_size"}``)."""
+        return {"strategy": self.strategy, "max_size": self.max_size}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str) -> CropRule:
+        """Read the form :meth:`to_dict` writes; ``source`` names the file and field in the error."""
+        try:
+            return cls(strategy=raw["strategy"], max_size=raw.get("max_size"))
+        except (KeyError, TypeError, ConfigError) as err:
+            raise ConfigError(f"{source}: not a crop rule {{'strategy', 'max_size'}}: {err}") from err
+
+
+# --- geometry (pure) -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CropWindow:
+    """Where a crop comes from and how it is laid out, in pixels of the displayed full-resolution image.
+
+    Attributes:
+        left, top, right, bottom: the rectangle cut from the image; always inside the image.
+        canvas_width, canvas_height: the crop's size before ``max_size`` (the square's side for square/pad).
+        offset_x, offset_y: where the cut rectangle sits on the canvas; the rest of the canvas is black padding.
+    """
+
+    left: int
+    top: int
+    right: int
+    bottom: int
+    canvas_width: int
+    canvas_height: int
+    offset_x: int
+    offset_y: int
+
+    @property
+    def width(self) -> int:
+        """Width of the cut rectangle."""
+        return self.right - self.left
+
+    @property
+    def height(self) -> int:
+        """Height of the cut rectangle."""
+        return self.bottom - self.top
+
+    @property
+    def padded(self) -> bool:
+        """Whether the canvas is larger than the cut rectangle."""
+        return (self.width, self.height) != (self.canvas_width, self.canvas_height)
+
+
+def _round_half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def _square_span(start: int, end: int, side: int, limit: int) -> tuple[int, int]:
+    """Start and length of a ``side``-long span containing [start, end), centred, shifted inside [0, limit)."""
+    if side >= limit:
+        return 0, limit
+    first = start - (side - (end - start)) // 2
+    return min(max(first, 0), limit - side), side
+
+
+def crop_window(box: Box, image_size: tuple[int, int], strategy: str) -> CropWindow:
+    """The crop of ``box`` (``[x, y, w, h]`` in pixels) in an image of ``image_size`` (width, height).
+
+    Box edges are rounded to the nearest pixel and clipped to the image.
+
+    Raises:
+        CropError: non-finite box, empty image, or a box narrower or lower than one pixel once
+            rounded and clipped (the crop stage reports it as a skipped box).
+    """
+    if strategy not in CROP_STRATEGIES:
+        raise ConfigError(f"crops.strategy: must be one of {list(CROP_STRATEGIES)}, got {strategy!r}")
+    width, height = image_size
+    if width < 1 or height < 1:
+        raise CropError(f"image size must be positive, got {width}x{height}")
+    x, y, w, h = box
+    if not all(math.isfinite(v) for v in box):
+        raise CropError(f"box {list(box)} has non-finite values")
+    x0 = min(max(_round_half_up(x), 0), width)
+    y0 = min(max(_round_half_up(y), 0), height)
+    x1 = min(max(_round_half_up(x + w), 0), width)
+    y1 = min(max(_round_half_up(y + h), 0), height)
+    box_w, box_h = x1 - x0, y1 - y0
+    if box_w < 1 or box_h < 1:
+        raise CropError(f"box {list(box)} is smaller than one pixel inside the {width}x{height} image")
+    if strategy == "exact":
+        return CropWindow(x0, y0, x1, y1, box_w, box_h, 0, 0)
+    side = max(box_w, box_h)
+    if strategy == "pad":
+        return CropWindow(x0, y0, x1, y1, side, side, (side - box_w) // 2, (side - box_h) // 2)
+    left, cut_w = _square_span(x0, x1, side, width)
+    top, cut_h = _square_span(y0, y1, side, height)
+    return CropWindow(left, top, left + cut_w, top + cut_h, side, side, (side - cut_w) // 2, (side - cut_h) // 2)
+
+
+def output_size(window: CropWindow, max_size: int | None) -> tuple[int, int]:
+    """The saved size of a crop: its canvas, scaled down (never up) so the longer side is at most ``max_size``."""
+    width, height = window.canvas_width, window.canvas_height
+    longest = max(width, height)
+    if max_size is None or longest <= max_size:
+        return width, height
+    factor = max_size / longest
+    return max(1, _round_half_up(width * factor)), max(1, _round_half_up(height * factor))
+
+
+def draft_reduction(crops: Sequence[tuple[CropWindow, tuple[int, int]]]) -> int:
+    """The largest JPEG DCT scale divisor (1, 2, 4 or 8) at which every crop keeps at least its saved size."""
+    if not crops:
+        return 1
+    # A crop's cut rectangle is scaled by out/canvas; decoding at 1/k keeps enough pixels while k <= canvas/out.
+    slack = min(min(w.canvas_width / out[0], w.canvas_height / out[1]) for w, out in crops)
+    for scale in _DRAFT_SCALES:
+        if scale <= slack:
+            return scale
+    return 1
+
+
+# --- pixels ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the resampled cut goes on the saved canvas (``out_size``)."""
+
+    cut: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def _layout(window: CropWindow, out_size: tuple[int, int]) -> _Layout:
+    out_w, out_h = out_size
+    fx, fy = out_w / window.canvas_width, out_h / window.canvas_height
+    cut_w = min(out_w, max(1, _round_half_up(window.width * fx)))
+    cut_h = min(out_h, max(1, _round_half_up(window.height * fy)))
+    offset_x = min(_round_half_up(window.offset_x * fx), out_w - cut_w)
+    offset_y = min(_round_half_up(window.offset_y * fy), out_h - cut_h)
+    return _Layout((cut_w, cut_h), (offset_x, offset_y))
+
+
+def _source_rect(window: CropWindow, scale: tuple[float, float], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``window``'s cut rectangle in pixels of an image decoded at ``scale`` (``size``), rounded to whole pixels.
+
+    OpenCV resizes whole-pixel rectangles only; at a DCT scale of 1/k the edge moves by at most half a decoded pixel.
+    """
+    sx, sy = scale
+    width, height = size
+    left = min(max(_round_half_up(window.left * sx), 0), width - 1)
+    top = min(max(_round_half_up(window.top * sy), 0), height - 1)
+    right = min(max(_round_half_up(window.right * sx), left + 1), width)
+    bottom = min(max(_round_half_up(window.bottom * sy), top + 1), height)
+    return left, top, right, bottom
+
+
+def _shrink(cv2: Any, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``pixels`` (``(h, w, 4)`` uint8) resized to ``size`` (width, height) with OpenCV.
+
+    Halvings with ``INTER_AREA`` (a 2x2 box average, SIMD in OpenCV) while both sides stay at least twice the target,
+    then one ``INTER_LINEAR`` step for the remaining ratio below 2 (where it is close to a box filter). OpenCV's
+    ``INTER_AREA`` at other ratios is scalar code, slower than PIL's box filter, hence the split.
+    """
+    if pixels.strides[0] <= 0 or pixels.strides[1:] != (4, 1):
+        pixels = np.ascontiguousarray(pixels)  # a crop of an EXIF-rotated view
+    out_w, out_h = size
+    height, width = pixels.shape[:2]
+    while width >= 2 * out_w and height >= 2 * out_h:
+        width, height = width // 2, height // 2
+        pixels = cv2.resize(pixels[: 2 * height, : 2 * width], (width, height), interpolation=cv2.INTER_AREA)
+    if (width, height) == size:
+        return pixels
+    # One side may still be over twice its target (a very elongated cut): area-average it, as linear would alias.
+    flag = cv2.INTER_AREA if width >= 2 * out_w or height >= 2 * out_h else cv2.INTER_LINEAR
+    resized: np.ndarray = cv2.resize(pixels, size, interpolation=flag)
+    return resized
+
+
+@functools.cache
+def _opencv() -> Any:
+    """OpenCV, single-threaded (crops are already made in parallel processes), or None when it is not installed."""
+    try:
+        # Optional and heavy: imported on first resize, in the process that resizes (after any fork).
+        import cv2
+    except ImportError:
+        return None
+    cv2.setNumThreads(1)
+    return cv2
+
+
+def render(
+    pixels: np.ndarray, window: CropWindow, out_size: tuple[int, int], scale: tuple[float, float] = (1.0, 1.0)
+) -> np.ndarray:
+    """Cut ``window`` (full-resolution coordinates) from ``RGBX`` pixels decoded at ``scale``, laid out at
+    ``out_size``; returns ``(h, w, 4)`` uint8.
+
+    A crop kept at its size is a view of the pixels (no copy). A shrunk one is resampled from the decoded source
+    rectangle by OpenCV (or PIL's box filter without OpenCV); padding is black.
+    """
+    layout = _layout(window, out_size)
+    if layout.cut == (window.width, window.height) and scale == (1.0, 1.0):
+        cut = pixels[window.top : window.bottom, window.left : window.right]
+    elif (cv2 := _opencv()) is not None:
+        height, width = pixels.shape[:2]
+        left, top, right, bottom = _source_rect(window, scale, (width, height))
+        cut = _shrink(cv2, pixels[top:bottom, left:right], layout.cut)
+    else:
+        sx, sy = scale
+        box = (window.left * sx, window.top * sy, window.right * sx, window.bottom * sy)
+        source = pil_view(np.ascontiguousarray(pixels))
+        cut = np.asarray(source.resize(layout.cut, _DOWNSCALE, box=box, reducing_gap=_REDUCING_GAP))
+    if layout.cut == out_size:
+        return cut
+    out_w, out_h = out_size
+    canvas = np.zeros((out_h, out_w, 4), dtype=np.uint8)
+    (cut_w, cut_h), (offset_x, offset_y) = layout.cut, layout.offset
+    canvas[offset_y : offset_y + cut_h, offset_x : offset_x + cut_w] = cut
+    return canvas
+
+
+def crop_decoded(decoded: DecodedImage, box: Box, rule: CropRule) -> np.ndarray:
+    """The crop of ``box`` (``[x, y, w, h]`` pixels of the displayed full-resolution image) as ``RGBX``.
+
+    ``decoded`` may be DCT-scaled (:func:`decode_scale` gives the scale the rule allows).
+
+    Raises:
+        ValueError: see :func:`crop_window`.
+    """
+    window = crop_window(box, decoded.full_size, rule.strategy)
+    return render(decoded.pixels, window, output_size(window, rule.max_size), decoded.scale)
+
+
+def decode_scale(full_size: tuple[int, int], boxes: Sequence[Box], rule: CropRule) -> int:
+    """The JPEG DCT divisor at which every box of an image still gets its saved size under ``rule``.
+
+    Only a ``max_size`` lets a crop be made from fewer pixels than the full image has; without one it is 1. Boxes that
+    give no crop (smaller than a pixel) do not count.
+    """
+    if rule.max_size is None:
+        return 1
+    planned = []
+    for box in boxes:
+        try:
+            window = crop_window(box, full_size, rule.strategy)
+        except ValueError:
+            continue
+        planned.append((window, output_size(window, rule.max_size)))
+    return draft_reduction(planned)
+
+
+def box_in_pixels(box: Box | None, normalized: bool, width: int, height: int) -> Box:
+    """A box in absolute pixels ``(x, y, w, h)`` of a ``width`` x ``height`` image, clamped to it.
+
+    ``None`` is the whole image; a normalised box (MegaDetector's ``[x, y, w, h]`` in [0, 1]) is scaled first. Boxes
+    smaller than a pixel are left to :func:`crop_window` to refuse, exactly as in the crops stage.
+    """
+    if box is None:
+        return (0.0, 0.0, float(width), float(height))
+    x, y, w, h = box
+    if normalized:
+        x, y, w, h = x * width, y * height, w * width, h * height
+    x0, y0 = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
+    x1, y1 = min(max(x + w, 0.0), float(width)), min(max(y + h, 0.0), float(height))
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def decode_for_boxes(
+    path: Path | str, boxes: Sequence[Box | None], normalized: bool, rule: CropRule, data: bytes | None = None
+) -> DecodedImage:
+    """Decode an image once for all its ``boxes``, at the DCT scale the crop rule allows for them (see
+    :func:`decode_scale`): what the crops stage does, so inference sees the training crops' pixels.
+
+    Raises:
+        ImageLoadError: see :func:`~animl_lightning.core.imaging.decode_image`.
+    """
+
+    def reduction(full_size: tuple[int, int]) -> int:
+        width, height = full_size
+        return decode_scale(full_size, [box_in_pixels(b, normalized, width, height) for b in boxes], rule)
+
+    return decode_image(path, reduction if rule.max_size is not None else None, data)
+
+
+def model_input(
+    decoded: DecodedImage, box: Box | None, normalized: bool, rule: CropRule, transform: EvalTransform
+) -> np.ndarray:
+    """The model input ``(3, H, W)`` float32 for one box of a decoded image: crop rule, then the eval transform.
+
+    The one path from an image and a box to a tensor, shared by ``classify``, the ONNX server and the TorchServe
+    handler.
+
+    Raises:
+        CropError: the box gives no crop.
+    """
+    width, height = decoded.full_size
+    crop = crop_decoded(decoded, box_in_pixels(box, normalized, width, height), rule)
+    return transform(crop)
+
+
+def crop_image(image: Image.Image, box: Box, strategy: str, max_size: int | None) -> Image.Image:
+    """:func:`crop_decoded` for a PIL image already in displayed orientation; RGB."""
+    decoded = DecodedImage(rgbx(image), image.size)
+    return pil_view(np.ascontiguousarray(crop_decoded(decoded, box, CropRule(strategy, max_size)))).convert("RGB")
+
+
+# --- crop files ------------------------------------------------------------------------------------------------
+
+
+def has_jpeg_markers(path: Path) -> bool:
+    """Whether a file starts with a JPEG start-of-image and ends with an end-of-image marker (4 bytes read).
+
+    Crops are written through a temporary file and a rename, so one that exists is complete unless it was damaged
+    afterwards (emptied, truncated, overwritten); this catches that without decoding.
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(2)
+            handle.seek(-2, os.SEEK_END)
+            tail = handle.read(2)
+    except OSError:
+        return False
+    return head == _JPEG_SOI and tail == _JPEG_EOI
+
+
+def crop_is_valid(path: Path, size: tuple[int, int] | None = None) -> bool:
+    """:func:`has_jpeg_markers` and a readable JPEG header of ``size``: the check a crop must pass to be kept.
+
+    The size catches a crop cut under another strategy or ``max_size``.
+    """
+    if not has_jpeg_markers(path):
+        return False
+    try:
+        with Image.open(path) as image:
+            return image.format == "JPEG" and (size is None or image.size == size)
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def encode_crop(pixels: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of an ``RGBX`` crop: libjpeg-turbo, 4:2:0 chroma subsampling and accurate DCT like PIL's default."""
+    if pixels.strides[0] <= 0 or pixels.strides[1:] != (4, 1):
+        pixels = np.ascontiguousarray(pixels)  # libjpeg reads whole rows: a crop of an EXIF-rotated view is copied
+    data: bytes = simplejpeg.encode_jpeg(pixels, quality, colorspace="RGBX", colorsubsampling="420")
+    return data
+
+
+
+
+# --- the model's preprocessing ------------------------------------------------------------------------------------
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+CROP_MODES = ("center", "squash")
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """timm's eval transform (``create_transform(is_training=False)``) in PIL and numpy: the same float32 tensor.
+
+    ``center``: resize the shorter side to ``floor(side / crop_pct)`` (aspect kept, PIL resampling as torchvision's
+    ``Resize`` does it), take the centre ``input_size`` (offsets rounded as torchvision's ``CenterCrop``), scale to
+    [0, 1] and normalise. ``squash``: resize both sides to ``floor(side / crop_pct)``, then the same.
+
+    Attributes:
+        input_size: ``(channels, height, width)`` of the model input.
+        interpolation: PIL resampling name (``bicubic``, ``bilinear``, ...).
+        mean, std: per-channel normalisation (RGB, on the [0, 1] scale).
+        crop_pct: share of the resized image kept by the centre crop.
+        crop_mode: ``center`` or ``squash``.
+    """
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if len(self.input_size) != 3 or self.input_size[0] != 3 or min(self.input_size) < 1:
+            raise ConfigError(f"input_size must be (3, height, width), got {self.input_size!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ConfigError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ConfigError(f"crop_mode must be one of {list(CROP_MODES)}, got {self.crop_mode!r}")
+        if self.crop_mode == "center" and self.input_size[1] != self.input_size[2]:
+            # timm resizes non-square centre crops with its own ResizeKeepRatio; no model here has one.
+            raise ConfigError(f"crop_mode 'center' needs a square input_size, got {self.input_size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"mean and std need 3 values each (std > 0), got {self.mean!r}, {self.std!r}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> EvalTransform:
+        """From a timm data config (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``).
+
+        Raises:
+            ConfigError: a key is missing or out of range.
+        """
+        try:
+            size = tuple(int(v) for v in config["input_size"])
+            mean = tuple(float(v) for v in config["mean"])
+            std = tuple(float(v) for v in config["std"])
+            return cls(
+                input_size=(size[0], size[1], size[2]),
+                mean=(mean[0], mean[1], mean[2]),
+                std=(std[0], std[1], std[2]),
+                interpolation=str(config.get("interpolation", "bicubic")),
+                crop_pct=float(config.get("crop_pct", 1.0)),
+                crop_mode=str(config.get("crop_mode", "center")),
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"preprocessing config {dict(config)!r} is incomplete: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        """The timm data config keys, JSON-ready."""
+        return {
+            "input_size": list(self.input_size),
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+        }
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) an image of ``width`` x ``height`` is resized to before the centre crop."""
+        _, out_h, out_w = self.input_size
+        scale_h, scale_w = math.floor(out_h / self.crop_pct), math.floor(out_w / self.crop_pct)
+        if self.crop_mode == "squash":
+            return scale_w, scale_h
+        # torchvision Resize(int): the shorter side becomes the size, the longer one int(size * long / short).
+        if width <= height:
+            return scale_w, int(scale_w * height / width)
+        return int(scale_h * width / height), scale_h
+
+    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """``(3, height, width)`` float32 of an RGB PIL image or an ``(h, w, 3|4)`` uint8 RGB(X) array."""
+        if isinstance(image, np.ndarray):
+            image = pil_view(np.ascontiguousarray(image)) if image.shape[2] == 4 else Image.fromarray(image, "RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        size = self.resized_size(*image.size)
+        if size != image.size:
+            image = image.resize(size, _INTERPOLATIONS[self.interpolation])
+        _, out_h, out_w = self.input_size
+        width, height = image.size
+        if out_w > width or out_h > height:
+            raise ConfigError(f"cannot centre-crop {out_w}x{out_h} from a {width}x{height} image")
+        # Python's round (half to even), as torchvision's CenterCrop uses.
+        top, left = round((height - out_h) / 2.0), round((width - out_w) / 2.0)
+        pixels = np.asarray(image, dtype=np.uint8)[top : top + out_h, left : left + out_w]
+        scaled = pixels.astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        normalised: np.ndarray = ((scaled - mean) / std).transpose(2, 0, 1)
+        return np.ascontiguousarray(normalised)

@@ -1,0 +1,29 @@
+"""The project's error family.
+
+Every error this project raises for a bad input, a bad setting or an unusable file derives from :class:`AnimlError`,
+so each entry point catches that one type and prints its message as one line (exit status 2). Anything else that
+escapes is a bug and keeps its traceback. Subclasses that replace a ``ValueError`` raised before also derive from
+``ValueError``, so callers that caught that keep working.
+"""
+
+from __future__ import annotations
+
+
+class AnimlError(Exception):
+    """Base of every error raised for bad input; the message names the file, record and field (or the setting)."""
+
+
+class ConfigError(AnimlError, ValueError):
+    """A setting is missing or out of range; the message names the key as it is written on the command line."""
+
+
+class InputFileError(AnimlError, ValueError):
+    """An input or output file cannot be used; the message names the file, the record and the field."""
+
+
+class RunLockedError(AnimlError):
+    """Another process is already working on the same output folder."""
+
+
+class DataError(AnimlError, ValueError):
+    """Data handed to a computation cannot be used (empty, out of range, inconsistent); the message says which."""

@@ -1,0 +1,247 @@
+"""Export a checkpoint for deployment: ONNX or TorchScript, plus a JSON sidecar describing the input.
+
+The exported model takes a batch of preprocessed crops, float32 ``(N, 3, H, W)`` normalised with the sidecar's
+``mean``/``std``, and returns class probabilities ``(N, C)``: the softmax of the logits divided by the checkpoint's
+calibration temperature. The batch axis is always dynamic; height and width are dynamic too unless the timm
+architecture has a fixed input size (``dynamic_size`` in the sidecar says which).
+
+The sidecar ``<output>.json`` holds the label index (``{"0": label, ...}``, the ``label_index.json`` shape), the
+preprocessing (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``), the crop rule
+(``crop_strategy``, ``crop_max_size``), the temperature and the timm model name, so a deployment can reproduce
+the training preprocessing without this package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.jit._trace import TracerWarning
+
+from animl_lightning import __version__
+from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, check_writable
+from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+ONNX_OPSET = 18
+_MIN_SIDE = 32
+_MAX_SIDE = 4096
+
+
+class ExportError(AnimlError, ValueError):
+    """The model cannot be exported in the requested format; the message names the format and the cause."""
+
+
+class ProbabilityModel(nn.Module):
+    """Wrap a classifier so it returns calibrated probabilities: ``softmax(model(x) / temperature)``."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        self.model = model
+        self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities (N, C) of preprocessed crops (N, 3, H, W)."""
+        logits = self.model(images)
+        return torch.softmax(logits.float() * self.inverse_temperature, dim=-1)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where an export went and what it supports."""
+
+    model_file: Path
+    sidecar_file: Path
+    format: str
+    dynamic_size: bool
+
+
+def sidecar_path(output: str | Path) -> Path:
+    """``<output>.json``, e.g. ``model.onnx`` -> ``model.onnx.json``."""
+    path = Path(output)
+    return path.with_name(path.name + ".json")
+
+
+def probability_model(loaded: LoadedClassifier) -> ProbabilityModel:
+    """A CPU, eval-mode :class:`ProbabilityModel` of a loaded classifier (the loaded model is not moved)."""
+    model = copy.deepcopy(loaded.model).to("cpu").float().eval()
+    return ProbabilityModel(model, loaded.temperature).eval()
+
+
+def supports_dynamic_size(loaded: LoadedClassifier) -> bool:
+    """Whether the architecture accepts inputs of other sizes than its configured one (timm's ``fixed_input_size``)."""
+    cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
+    return not bool(cfg.get("fixed_input_size", False))
+
+
+def _example_input(loaded: LoadedClassifier, batch: int = 2) -> torch.Tensor:
+    channels, height, width = loaded.transform.input_size
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, channels, height, width, generator=generator)
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """Silence torch's deprecation chatter about the exporters, which says nothing about this model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=TracerWarning)
+        yield
+
+
+def onnx_bytes(loaded: LoadedClassifier, dynamic_size: bool | None = None) -> tuple[bytes, bool]:
+    """Serialise the probability model as ONNX; returns (model bytes, whether H and W are dynamic).
+
+    Uses the ``torch.export``-based exporter (the maintained one since torch 2.9) with a dynamic batch axis, and
+    dynamic height/width when the architecture allows; if the graph cannot be exported with dynamic H/W it
+    retries with a dynamic batch only, and if that fails too it falls back to the legacy TorchScript exporter.
+    """
+    wrapper = probability_model(loaded)
+    example = _example_input(loaded)
+    want_size = supports_dynamic_size(loaded) if dynamic_size is None else dynamic_size
+    attempts = [True, False] if want_size else [False]
+    errors: list[str] = []
+    with _quiet_exporters():
+        for dynamic_hw in attempts:
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            axes: dict[int, Any] = {0: batch}
+            if dynamic_hw:
+                axes[2] = torch.export.Dim("height", min=_MIN_SIDE, max=_MAX_SIDE)
+                axes[3] = torch.export.Dim("width", min=_MIN_SIDE, max=_MAX_SIDE)
+            try:
+                program = torch.onnx.export(
+                    wrapper,
+                    (example,),
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes={"images": axes},
+                    opset_version=ONNX_OPSET,
+                    dynamo=True,
+                    verbose=False,
+                )
+                if program is None:
+                    raise ExportError("onnx: the exporter returned no program")
+                return program.model_proto.SerializeToString(), dynamic_hw
+            except Exception as error:  # the exporter raises many types (export, ONNX translation, constraints)
+                errors.append(f"torch.export exporter (dynamic size {dynamic_hw}): {type(error).__name__}: {error}")
+                log.info("ONNX export with dynamic size %s failed; retrying: %s", dynamic_hw, error)
+        buffer = io.BytesIO()
+        dynamic_axes: dict[str, dict[int, str]] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        if want_size:
+            dynamic_axes[INPUT_NAME].update({2: "height", 3: "width"})
+        try:
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                buffer,  # type: ignore[arg-type]
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=dynamic_axes,
+                opset_version=17,
+                dynamo=False,
+            )
+        except Exception as error:
+            errors.append(f"legacy exporter: {type(error).__name__}: {error}")
+            raise ExportError("onnx: export failed:\n  " + "\n  ".join(errors)) from error
+        return buffer.getvalue(), want_size
+
+
+def torchscript_bytes(loaded: LoadedClassifier) -> tuple[bytes, bool]:
+    """Serialise the probability model as TorchScript; returns (model bytes, whether H and W are dynamic).
+
+    ``torch.jit.script`` keeps shape logic as code, so other batch and input sizes work; models that cannot be
+    scripted are traced instead, and the trace is checked at a second input size before dynamic size is claimed.
+    """
+    wrapper = probability_model(loaded)
+    example = _example_input(loaded)
+    with _quiet_exporters():
+        try:
+            module: torch.jit.ScriptModule = torch.jit.script(wrapper)
+            dynamic_hw = supports_dynamic_size(loaded)
+        except Exception as error:  # scripting fails on many Python constructs; tracing is the fallback
+            log.info("torch.jit.script failed (%s); tracing instead", error)
+            with torch.no_grad():
+                module = torch.jit.trace(wrapper, example)
+            dynamic_hw = supports_dynamic_size(loaded) and _trace_handles_other_size(module, wrapper, example)
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        return buffer.getvalue(), dynamic_hw
+
+
+def _trace_handles_other_size(module: torch.jit.ScriptModule, wrapper: nn.Module, example: torch.Tensor) -> bool:
+    other = torch.randn(1, example.shape[1], example.shape[2] + 32, example.shape[3] + 32)
+    try:
+        with torch.no_grad():
+            return bool(torch.allclose(module(other), wrapper(other), atol=1e-4))
+    except RuntimeError:
+        return False
+
+
+def sidecar(loaded: LoadedClassifier, export_format: str, dynamic_size: bool) -> dict[str, Any]:
+    """The JSON description written next to an exported model."""
+    pre = loaded.transform
+    return {
+        "format": export_format,
+        "model_name": loaded.model_name,
+        "label_index": {str(i): name for i, name in enumerate(loaded.class_names)},
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "output": "probabilities = softmax(logits / temperature)",
+        "input_size": list(pre.input_size),
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "interpolation": pre.interpolation,
+        "crop_pct": pre.crop_pct,
+        "crop_mode": pre.crop_mode,
+        "crop_strategy": loaded.crop_rule.strategy,
+        "crop_max_size": loaded.crop_rule.max_size,
+        "temperature": loaded.temperature,
+        "dynamic_batch": True,
+        "dynamic_size": dynamic_size,
+        "checkpoint": loaded.checkpoint_path.name,
+        "animl_lightning_version": __version__,
+    }
+
+
+def export_classifier(loaded: LoadedClassifier, export_format: str, output: str | Path) -> ExportResult:
+    """Write ``loaded`` as ``export_format`` (``onnx`` or ``torchscript``) to ``output`` plus its JSON sidecar.
+
+    Both files are written atomically; the sidecar last, so a sidecar always describes a complete model file.
+    """
+    if export_format not in FORMATS:
+        raise ExportError(f"format: must be one of {list(FORMATS)}, got {export_format!r}")
+    target = Path(output)
+    if export_format == "onnx":
+        data, dynamic_size = onnx_bytes(loaded)
+    else:
+        data, dynamic_size = torchscript_bytes(loaded)
+    atomic_write_bytes(target, data)
+    side = sidecar_path(target)
+    atomic_write_json(side, sidecar(loaded, export_format, dynamic_size))
+    log.debug("wrote %s (%s, %.1f MB) and %s", target, export_format, len(data) / 1e6, side)
+    return ExportResult(model_file=target, sidecar_file=side, format=export_format, dynamic_size=dynamic_size)
+
+
+def export_checkpoint(checkpoint: str | Path, export_format: str, output: str | Path) -> ExportResult:
+    """Load a checkpoint on the CPU and export it; see :func:`export_classifier`."""
+    if export_format not in FORMATS:
+        raise ExportError(f"format: must be one of {list(FORMATS)}, got {export_format!r}")
+    check_writable(output, "output")
+    return export_classifier(load_classifier(checkpoint, device="cpu"), export_format, output)

@@ -1,0 +1,36 @@
+"""``python -m animl_lightning.export checkpoint=CKPT format=onnx|torchscript output=PATH``.
+
+Settings: ``configs/export.yaml``. The Hydra edge only: the work is
+:func:`animl_lightning.deploy.export.export_checkpoint`; bad inputs end the run with one line (exit status 2), never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from animl_lightning.cli import CONFIG_DIR, run_command
+from animl_lightning.core.errors import ConfigError
+from animl_lightning.deploy.export import ExportResult, export_checkpoint
+
+
+def export(cfg: DictConfig) -> ExportResult:
+    """Export the configured checkpoint and say where it went."""
+    for key in ("checkpoint", "output"):
+        if OmegaConf.is_missing(cfg, key) or not cfg[key]:
+            raise ConfigError(f"{key}: must be set (e.g. {key}=PATH on the command line)")
+    result = export_checkpoint(str(cfg.checkpoint), str(cfg.format), str(cfg.output))
+    size = "dynamic batch and input size" if result.dynamic_size else "dynamic batch, fixed input size"
+    print(f"wrote {result.model_file} ({result.format}, {size}) and {result.sidecar_file}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    run_command(lambda: export(cfg), "export")
+
+
+if __name__ == "__main__":
+    main()

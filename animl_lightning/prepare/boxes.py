@@ -1,0 +1,281 @@
+"""The boxes stage: one row per box to crop, from ground-truth annotations or, failing that, from MegaDetector.
+
+Rules:
+
+* Every annotation with a box gives a ground-truth box (``source="gt"``, confidence 1.0), whatever else its image
+  has. Boxes are clamped to the image again now that every available image's size is known (idempotent for boxes
+  clamped at ingest).
+* An image whose annotations have no box at all takes its boxes from the detections file (``file == file_name``):
+  detections whose category name is ``detections.category`` with ``conf >= detections.threshold``
+  (``source="md"``). Its ``dataset_class`` is the image's annotated category, so the image must have exactly one
+  distinct box-less category (``empty`` aside); several are reported as ambiguous and skipped.
+* Box-less ``empty`` annotations, and images without annotations, give no boxes (there is nothing to crop).
+* Images with several boxes keep all of them; ``detections.single_animal_only=true`` reproduces the old
+  ``md_to_queried_images`` rule that dropped such images entirely (reported).
+* Only images that are available (``available`` column of the images stage) give boxes; the images stage already
+  reported the others.
+
+Crop names are stable and unique per box (pipeline.md 2.6): ``<file_name>___crop_<annotation_id>.jpg`` for
+ground-truth boxes and ``<file_name>___crop<NN>_<detector>.jpg`` for detector boxes, ``NN`` being the detection's
+position in the image's original list. Path separators in annotation ids and the detector name become ``_``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from animl_lightning.core.cct import CctProject, clip_boxes, suspect_paths
+from animl_lightning.core.files import UnsafePathError, safe_relative
+from animl_lightning.core.issues import PrepareReport
+from animl_lightning.core.megadetector import DetectionResults
+from animl_lightning.prepare.config import DetectionSettings
+
+log = logging.getLogger(__name__)
+
+STAGE = "boxes"
+EMPTY_CATEGORY = "empty"
+BOX_COLUMNS = (
+    "image_id",
+    "file_name",
+    "location",
+    "datetime",
+    "seq_id",
+    "annotation_id",
+    "dataset_class",
+    "confidence",
+    "source",
+    "x",
+    "y",
+    "w",
+    "h",
+    "width",
+    "height",
+    "crop_path",
+)
+_IMAGE_FIELDS = ("image_id", "file_name", "location", "datetime", "seq_id", "width", "height")
+
+
+def path_component(name: str) -> str:
+    """``name`` made safe as part of one path component: ``/`` and ``\\`` become ``_``."""
+    return name.replace("/", "_").replace("\\", "_")
+
+
+def gt_crop_path(file_name: str, annotation_id: str) -> str:
+    """Crop path of a ground-truth box, relative to the crops folder."""
+    return f"{file_name}___crop_{path_component(annotation_id)}.jpg"
+
+
+def md_crop_path(file_name: str, index: int, detector: str) -> str:
+    """Crop path of the detection at ``index`` in the image's list, relative to the crops folder."""
+    return f"{file_name}___crop{index:02d}_{path_component(detector or 'unknown')}.jpg"
+
+
+def _empty_boxes() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype="str") for c in BOX_COLUMNS})
+    for column in ("confidence", "x", "y", "w", "h"):
+        frame[column] = frame[column].astype(float)
+    for column in ("width", "height"):
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def _ground_truth(annotations: pd.DataFrame, images: pd.DataFrame, position: np.ndarray) -> pd.DataFrame:
+    rows = images.iloc[position].reset_index(drop=True)
+    frame = rows.loc[:, list(_IMAGE_FIELDS)]
+    frame["annotation_id"] = annotations["annotation_id"].to_numpy()
+    frame["dataset_class"] = annotations["category"].to_numpy()
+    frame["confidence"] = 1.0
+    frame["source"] = "gt"
+    for column in ("x", "y", "w", "h"):
+        frame[column] = annotations[column].to_numpy(dtype=float)
+    frame["crop_path"] = (
+        frame["file_name"] + "___crop_" + frame["annotation_id"].str.replace("/", "_").str.replace("\\", "_") + ".jpg"
+    )
+    return frame
+
+
+def _detector_boxes(
+    boxless: pd.DataFrame,
+    images: pd.DataFrame,
+    detections: DetectionResults | None,
+    settings: DetectionSettings,
+    report: PrepareReport,
+) -> pd.DataFrame:
+    """Boxes for the images whose annotations have no box; ``boxless`` has their box-less annotations."""
+    counted = boxless.loc[boxless["category"] != EMPTY_CATEGORY]
+    report.count(STAGE, "empty_images_without_box", int(boxless["image_id"].nunique() - counted["image_id"].nunique()))
+    if counted.empty:
+        return _empty_boxes()
+    classes = counted.groupby("image_id", sort=False)["category"].unique()
+    rows = pd.Index(images["image_id"].to_numpy(dtype=object)).get_indexer(classes.index.to_numpy(dtype=object))
+    columns = {f: images[f].to_numpy(dtype=object) for f in _IMAGE_FIELDS}
+    detector = detections.detector if detections is not None else "unknown"
+    source_file = detections.source if detections is not None else None
+    records: list[dict[str, object]] = []
+    for image_id, names, row in zip(classes.index, classes.to_numpy(), rows, strict=True):
+        file_name = str(columns["file_name"][row])
+
+        def skip(kind: str, message: str, field: str | None = None, *, image_id: object = image_id) -> None:
+            report.add(STAGE, kind, message, file=source_file, record=str(image_id), field=field)
+
+        if len(names) > 1:
+            skip("ambiguous_class", f"no box and several annotated categories {sorted(names)}", "category_id")
+            continue
+        if detections is None:
+            skip("no_box", "annotations have no box and no detections file was given", "bbox")
+            continue
+        if file_name in detections.failures:
+            skip("detector_failure", f"the detector failed on {file_name!r}: {detections.failures[file_name]}", "file")
+            continue
+        found = detections.images.get(file_name)
+        if found is None:
+            skip(
+                "not_in_detections", f"annotations have no box and {file_name!r} is not in the detections file", "file"
+            )
+            continue
+        width, height = columns["width"][row], columns["height"][row]
+        if pd.isna(width) or pd.isna(height):
+            skip("size_unknown", "image size unknown: detector boxes cannot be converted to pixels", "width")
+            continue
+        kept = [
+            d
+            for d in found
+            if detections.detection_categories.get(d.category) == settings.category and d.conf >= settings.threshold
+        ]
+        if not kept:
+            skip(
+                "no_detection",
+                f"no {settings.category!r} detection with conf >= {settings.threshold} among {len(found)}",
+                "detections",
+            )
+            continue
+        for d in kept:
+            x, y, w, h = d.bbox
+            records.append(
+                {
+                    **{f: columns[f][row] for f in _IMAGE_FIELDS},
+                    "annotation_id": "",
+                    "dataset_class": str(names[0]),
+                    "confidence": d.conf,
+                    "source": "md",
+                    "x": x * int(width),
+                    "y": y * int(height),
+                    "w": w * int(width),
+                    "h": h * int(height),
+                    "crop_path": md_crop_path(file_name, d.index, detector),
+                    "_record": f"{file_name}#{d.index}",
+                }
+            )
+    if not records:
+        return _empty_boxes()
+    frame = pd.DataFrame.from_records(records)
+    # clip_boxes names records by annotation_id; detector boxes are named file#index in the report.
+    clipped = clip_boxes(
+        frame.assign(annotation_id=frame["_record"]), images, report, stage=STAGE, file=source_file
+    ).assign(annotation_id="")
+    return clipped.drop(columns="_record")
+
+
+def collect_boxes(
+    project: CctProject,
+    images: pd.DataFrame,
+    detections: DetectionResults | None,
+    settings: DetectionSettings,
+    report: PrepareReport,
+) -> pd.DataFrame:
+    """Build the boxes table (columns :data:`BOX_COLUMNS`) from the annotations and, optionally, detections.
+
+    Args:
+        project: the ingested CCT file (its annotations).
+        images: the images table after the images stage (``available``, sizes filled from the files).
+        detections: MegaDetector results for images without a ground-truth box, or ``None``.
+        settings: category, threshold and ``single_animal_only``.
+        report: receives every skipped image or box (stage ``boxes``) and the counts.
+    """
+    available = (
+        images["available"].to_numpy(dtype=bool) if "available" in images.columns else np.ones(len(images), bool)
+    )
+    annotations = clip_boxes(project.annotations, images, report, stage=STAGE, file=project.source)
+    position = pd.Index(images["image_id"].to_numpy(dtype=object)).get_indexer(
+        annotations["image_id"].to_numpy(dtype=object)
+    )
+    known = position >= 0
+    if not known.all():
+        report.count(STAGE, "annotations_of_unknown_images", int((~known).sum()))
+    has_box = annotations["w"].notna().to_numpy() & known
+    image_has_box = np.zeros(len(images), dtype=bool)
+    image_has_box[position[has_box]] = True
+    on_available = known & available[np.where(known, position, 0)]
+    report.set_count(STAGE, "annotations_on_unavailable_images", int((known & ~on_available).sum()))
+
+    use_gt = has_box & on_available
+    gt = _ground_truth(annotations.loc[use_gt], images, position[use_gt])
+
+    no_box = known & ~has_box & on_available
+    partial = no_box & image_has_box[np.where(known, position, 0)]
+    ids = annotations["annotation_id"].to_numpy(dtype=object)
+    for i in np.flatnonzero(partial & (annotations["category"].to_numpy(dtype=object) != EMPTY_CATEGORY)):
+        report.add(
+            STAGE,
+            "annotation_without_box",
+            "annotation has no box but its image has boxed annotations; only those are cropped",
+            file=project.source,
+            record=str(ids[i]),
+            field="bbox",
+        )
+    md = _detector_boxes(annotations.loc[no_box & ~partial], images, detections, settings, report)
+
+    frames = [f for f in (gt, md) if not f.empty]
+    boxes = pd.concat(frames, ignore_index=True) if frames else _empty_boxes()
+    boxes = boxes.loc[:, list(BOX_COLUMNS)]
+
+    if settings.single_animal_only and not boxes.empty:
+        per_image = boxes.groupby("image_id", sort=False)["image_id"].transform("size").to_numpy()
+        multi = per_image > 1
+        for image_id, n in boxes.loc[multi].groupby("image_id", sort=False).size().items():
+            report.add(
+                STAGE,
+                "multiple_animals",
+                f"image has {n} boxes and detections.single_animal_only is set",
+                record=str(image_id),
+                field="bbox",
+                action="dropped",
+            )
+        boxes = boxes.loc[~multi].reset_index(drop=True)
+
+    paths = boxes["crop_path"].to_numpy(dtype=object)
+    box_ids = boxes["annotation_id"].to_numpy(dtype=object)
+    box_images = boxes["image_id"].to_numpy(dtype=object)
+    unsafe = np.zeros(len(boxes), dtype=bool)
+    for row in np.flatnonzero(suspect_paths(paths)).tolist():
+        try:
+            safe_relative(paths[row])
+        except UnsafePathError as err:
+            unsafe[row] = True
+            report.add(STAGE, "unsafe_crop_path", str(err), record=str(box_images[row]), field="crop_path")
+    duplicate = boxes["crop_path"].duplicated(keep="first").to_numpy() & ~unsafe
+    for row in np.flatnonzero(duplicate).tolist():
+        report.add(
+            STAGE,
+            "duplicate_crop_path",
+            f"crop path {paths[row]!r} is already used by another box; the first is kept",
+            record=str(box_ids[row] or box_images[row]),
+            field="crop_path",
+        )
+    boxes = boxes.loc[~(unsafe | duplicate)].reset_index(drop=True)
+    for column in ("image_id", "file_name", "location", "datetime", "seq_id", "annotation_id", "dataset_class"):
+        boxes[column] = boxes[column].astype("str")
+    boxes["source"] = boxes["source"].astype("str")
+    boxes["crop_path"] = boxes["crop_path"].astype("str")
+    boxes["width"] = boxes["width"].astype("Int64")
+    boxes["height"] = boxes["height"].astype("Int64")
+
+    report.set_count(STAGE, "boxes", len(boxes))
+    report.set_count(STAGE, "boxes_gt", int((boxes["source"] == "gt").sum()))
+    report.set_count(STAGE, "boxes_md", int((boxes["source"] == "md").sum()))
+    report.set_count(STAGE, "images_with_boxes", int(boxes["image_id"].nunique()))
+    log.info("boxes: %d (%d ground truth, %d detector)", len(boxes), len(gt), len(md))
+    return boxes

@@ -1,0 +1,222 @@
+"""Typed settings for ``prepare.py``.
+
+These dataclasses are the schema of ``configs/prepare.yaml``: ``prepare.py`` registers them with Hydra's
+ConfigStore, so an unknown key or a value of the wrong type fails at composition time, and the value checks in
+``__post_init__`` run when the composed config is turned into these objects. Nothing here imports Hydra: the same
+objects can be built by hand in a notebook.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from animl_lightning.core.crop_rule import CROP_STRATEGIES
+from animl_lightning.core.errors import ConfigError
+
+SPLIT_METHODS = ("random", "smallest_first")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def default_workers() -> int:
+    """Worker processes for CPU-bound stages: every core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class S3Settings:
+    """Where to download missing images from (``s3.*``)."""
+
+    bucket: str | None = None
+    prefix: str = ""
+    key_field: str = "serving_bucket_key"
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    workers: int = 16
+    max_attempts: int = 6
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        _require(self.bucket is None or bool(self.bucket.strip()), "s3.bucket", "must not be empty")
+        _require(self.workers >= 1, "s3.workers", f"must be >= 1, got {self.workers}")
+        _require(self.max_attempts >= 1, "s3.max_attempts", f"must be >= 1, got {self.max_attempts}")
+        _require(self.connect_timeout > 0, "s3.connect_timeout", f"must be > 0, got {self.connect_timeout}")
+        _require(self.read_timeout > 0, "s3.read_timeout", f"must be > 0, got {self.read_timeout}")
+        _require(bool(self.key_field), "s3.key_field", "must name an image field")
+
+
+@dataclass
+class DetectionSettings:
+    """How MegaDetector boxes are used for images without a ground-truth box (``detections.*``)."""
+
+    threshold: float = 0.8
+    category: str = "animal"
+    single_animal_only: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.threshold <= 1.0, "detections.threshold", f"must be in [0, 1], got {self.threshold}")
+        _require(bool(self.category), "detections.category", "must not be empty")
+
+
+@dataclass
+class CropSettings:
+    """How boxes become crop files (``crops.*``)."""
+
+    strategy: str = "square"
+    max_size: int | None = None
+    workers: int | None = None
+    quality: int = 90
+
+    @property
+    def resolved_workers(self) -> int:
+        """``workers``, or every usable core when it is unset."""
+        return self.workers if self.workers is not None else default_workers()
+
+    def __post_init__(self) -> None:
+        _require(
+            self.strategy in CROP_STRATEGIES,
+            "crops.strategy",
+            f"must be one of {list(CROP_STRATEGIES)}, got {self.strategy!r}",
+        )
+        _require(
+            self.max_size is None or self.max_size >= 8,
+            "crops.max_size",
+            f"must be null or >= 8 pixels, got {self.max_size}",
+        )
+        _require(
+            self.workers is None or self.workers >= 1, "crops.workers", f"must be null or >= 1, got {self.workers}"
+        )
+        _require(1 <= self.quality <= 100, "crops.quality", f"must be in [1, 100], got {self.quality}")
+
+
+@dataclass
+class LabelSettings:
+    """How CCT categories become output labels (``labels.*``)."""
+
+    spec_file: str | None = None
+    # Empty means "not set": OmegaConf cannot merge a command-line dict into an Optional[Dict] that is None.
+    map: dict[str, str] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=lambda: ["empty"])
+    seed: int = 123
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.spec_file and self.map),
+            "labels.spec_file",
+            "set either labels.spec_file or labels.map, not both",
+        )
+
+
+@dataclass
+class SplitSettings:
+    """How (dataset, location) pairs are assigned to train/val/test (``split.*``)."""
+
+    method: str = "random"
+    val_frac: float = 0.2
+    test_frac: float = 0.2
+    seed: int = 0
+    trials: int = 10000
+    jitter: float = 0.03
+    min_locs: int | None = 3
+    reuse: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.method in SPLIT_METHODS,
+            "split.method",
+            f"must be one of {list(SPLIT_METHODS)}, got {self.method!r}",
+        )
+        _require(0.0 < self.val_frac < 1.0, "split.val_frac", f"must be in (0, 1), got {self.val_frac}")
+        _require(0.0 <= self.test_frac < 1.0, "split.test_frac", f"must be in [0, 1), got {self.test_frac}")
+        _require(
+            self.val_frac + self.test_frac < 1.0,
+            "split.val_frac",
+            f"split.val_frac + split.test_frac must be < 1 to leave a train split, got "
+            f"{self.val_frac} + {self.test_frac}",
+        )
+        _require(self.trials >= 1, "split.trials", f"must be >= 1, got {self.trials}")
+        _require(0.0 <= self.jitter < 0.5, "split.jitter", f"must be in [0, 0.5), got {self.jitter}")
+        _require(
+            self.min_locs is None or self.min_locs >= 1,
+            "split.min_locs",
+            f"must be null or >= 1, got {self.min_locs}",
+        )
+
+
+@dataclass
+class DemoSettings:
+    """The generated demo project used when ``coco_file`` is not set (``demo.*``)."""
+
+    seed: int = 7
+    locations: int = 8
+    images_per_location: int = 30
+    width: int = 640
+    height: int = 480
+
+    def __post_init__(self) -> None:
+        _require(self.locations >= 3, "demo.locations", f"must be >= 3, got {self.locations}")
+        _require(self.images_per_location >= 1, "demo.images_per_location", "must be >= 1")
+        _require(self.width >= 64 and self.height >= 64, "demo.width", "demo images must be at least 64x64")
+
+
+@dataclass
+class PathSettings:
+    """The shared folders of ``configs/paths/`` (``paths.*``); prepare.py uses ``data_dir`` as its default output."""
+
+    data_dir: str = "data/demo"
+    output_dir: str | None = None
+
+
+@dataclass
+class PrepareSettings:
+    """All of ``prepare.py``'s settings; see ``configs/prepare.yaml`` for documentation of each key."""
+
+    output_dir: str = "data/demo"
+    coco_file: str | None = None
+    images_dir: str | None = None
+    dataset: str | None = None
+    detections_file: str | None = None
+    s3: S3Settings = field(default_factory=S3Settings)
+    detections: DetectionSettings = field(default_factory=DetectionSettings)
+    crops: CropSettings = field(default_factory=CropSettings)
+    labels: LabelSettings = field(default_factory=LabelSettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
+    demo: DemoSettings = field(default_factory=DemoSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir), "output_dir", "must be set")
+        if self.coco_file is not None:
+            _require(Path(self.coco_file).is_file(), "coco_file", f"{self.coco_file} does not exist")
+            _require(
+                self.images_dir is not None,
+                "images_dir",
+                "must be set when coco_file is set (the folder that holds, or receives, the full-size images)",
+            )
+        if self.detections_file is not None:
+            _require(
+                Path(self.detections_file).is_file(), "detections_file", f"{self.detections_file} does not exist"
+            )
+        if self.labels.spec_file is not None:
+            _require(
+                Path(self.labels.spec_file).is_file(), "labels.spec_file", f"{self.labels.spec_file} does not exist"
+            )
+        if self.split.reuse is not None:
+            _require(Path(self.split.reuse).is_file(), "split.reuse", f"{self.split.reuse} does not exist")
+        if self.dataset is not None:
+            _require(
+                bool(self.dataset) and "/" not in self.dataset,
+                "dataset",
+                f"must be a non-empty name without '/', got {self.dataset!r}",
+            )

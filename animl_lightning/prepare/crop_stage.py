@@ -1,0 +1,364 @@
+"""The crops stage of ``prepare.py``: one JPEG per box, each image decoded once, in a pool of processes.
+
+The pixels come from the crop rule (:mod:`animl_lightning.core.crop_rule`); this module plans the work per image,
+skips crops that are already there and valid (so a re-run after a crash only does what is missing), writes each crop
+atomically, and reports every box that gives no crop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
+from animl_lightning.core.crop_rule import (
+    Box,
+    CropError,
+    CropWindow,
+    crop_is_valid,
+    crop_window,
+    draft_reduction,
+    encode_crop,
+    output_size,
+    render,
+)
+from animl_lightning.core.files import TMP_MARKER, UnsafePathError, remove_stale_temporaries, safe_join
+from animl_lightning.core.imaging import ImageLoadError, decode_image
+from animl_lightning.core.issues import PrepareReport
+from animl_lightning.prepare.config import CropSettings
+
+log = logging.getLogger(__name__)
+
+STAGE = "crops"
+
+
+def _save_crop(data: bytes, path: Path) -> None:
+    """Write crop JPEG bytes through a temporary sibling and a rename.
+
+    Unlike :func:`animl_lightning.core.files.atomic_write` this does not fsync: a crash (even kill -9) still leaves
+    either no file or the whole file, and after a power loss a damaged crop fails :func:`crop_is_valid` on the next
+    run and is redone. An fsync per crop would cost more than encoding it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARKER}")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+
+
+@dataclass(frozen=True)
+class _CropJob:
+    row: int
+    box: Box
+    target: str
+
+
+@dataclass(frozen=True)
+class _ImageJob:
+    source: str
+    file_name: str
+    recorded_size: tuple[int, int] | None
+    crops: tuple[_CropJob, ...]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What happened to one crop (``row`` >= 0) or to a whole image (``row`` == -1)."""
+
+    row: int
+    status: str  # written, redone, skipped, failed, note
+    kind: str = ""
+    message: str = ""
+    file: str = ""
+
+
+def _plan(
+    crops: Sequence[_CropJob], size: tuple[int, int], strategy: str, max_size: int | None, out: list[_Outcome]
+) -> list[tuple[_CropJob, CropWindow, tuple[int, int]]]:
+    planned = []
+    for job in crops:
+        try:
+            window = crop_window(job.box, size, strategy)
+        except CropError as err:
+            out.append(_Outcome(job.row, "failed", "degenerate_box", str(err)))
+            continue
+        planned.append((job, window, output_size(window, max_size)))
+    return planned
+
+
+def _crop_one_image(job: _ImageJob, strategy: str, max_size: int | None, quality: int) -> list[_Outcome]:
+    out: list[_Outcome] = []
+    if job.recorded_size is not None:
+        # Resume fast path: every crop already there with the size this box gives; the image is not opened.
+        planned = _plan(job.crops, job.recorded_size, strategy, max_size, [])
+        if len(planned) == len(job.crops) and all(crop_is_valid(Path(c.target), o) for c, _, o in planned):
+            return [_Outcome(c.row, "skipped") for c in job.crops]
+
+    todo: list[tuple[_CropJob, CropWindow, tuple[int, int]]] = []
+    existed: set[int] = set()
+
+    def choose(full_size: tuple[int, int]) -> int:
+        crops = job.crops
+        if job.recorded_size is not None and job.recorded_size != full_size:
+            rx, ry = full_size[0] / job.recorded_size[0], full_size[1] / job.recorded_size[1]
+            out.append(
+                _Outcome(
+                    -1,
+                    "note",
+                    "image_size_mismatch",
+                    f"the CCT file gives {job.recorded_size[0]}x{job.recorded_size[1]} but the image is "
+                    f"{full_size[0]}x{full_size[1]} as displayed; boxes are rescaled to it",
+                    job.source,
+                )
+            )
+            crops = tuple(
+                _CropJob(c.row, (c.box[0] * rx, c.box[1] * ry, c.box[2] * rx, c.box[3] * ry), c.target) for c in crops
+            )
+        for crop, window, size in _plan(crops, full_size, strategy, max_size, out):
+            target = Path(crop.target)
+            if target.exists():
+                if crop_is_valid(target, size):
+                    out.append(_Outcome(crop.row, "skipped"))
+                    continue
+                existed.add(crop.row)
+            todo.append((crop, window, size))
+        return draft_reduction([(w, s) for _, w, s in todo]) if max_size is not None else 1
+
+    try:
+        decoded = decode_image(Path(job.source), choose)
+    except ImageLoadError as err:
+        done = {o.row for o in out}
+        out.extend(_Outcome(c.row, "failed", err.kind, str(err)) for c in job.crops if c.row not in done)
+        return out
+    for crop, window, size in todo:
+        try:
+            _save_crop(encode_crop(render(decoded.pixels, window, size, decoded.scale), quality), Path(crop.target))
+        except (OSError, ValueError) as err:
+            out.append(_Outcome(crop.row, "failed", "crop_failed", f"{crop.target}: {err}"))
+            continue
+        out.append(_Outcome(crop.row, "redone" if crop.row in existed else "written"))
+    return out
+
+
+def _crop_images(jobs: Sequence[_ImageJob], strategy: str, max_size: int | None, quality: int) -> list[_Outcome]:
+    """Worker task: crop several images; one image's failure never stops the others."""
+    outcomes: list[_Outcome] = []
+    for job in jobs:
+        try:
+            outcomes.extend(_crop_one_image(job, strategy, max_size, quality))
+        except Exception as err:  # a bug or an odd file must cost one image, not the run
+            done = {o.row for o in outcomes}
+            outcomes.extend(
+                _Outcome(c.row, "failed", "crop_failed", f"{job.source}: {type(err).__name__}: {err}")
+                for c in job.crops
+                if c.row not in done
+            )
+    return outcomes
+
+
+def _worker_init(max_image_pixels: int | None) -> None:
+    # Children must refuse truncated files and enforce the parent's bomb limit whatever a library set before.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork where it is safe enough, as it starts workers in milliseconds; forkserver otherwise.
+
+    fork is unsafe when another thread may hold a lock the child needs. Daemon threads (tqdm's monitor, a test's
+    S3 server) are tolerated: the workers only decode and write files. Any other live thread means forkserver,
+    which preloads this module so that each worker starts without re-importing PIL and numpy.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if sys.platform.startswith("linux") and all(t.daemon for t in others):
+        return multiprocessing.get_context("fork")
+    if sys.platform == "win32":
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _run_pool(
+    chunks: list[list[_ImageJob]],
+    workers: int,
+    params: tuple[str, int | None, int],
+    record: Callable[[list[_Outcome]], None],
+    progress: tqdm[Any],
+) -> list[list[_ImageJob]]:
+    """Run ``chunks`` in a process pool; return the chunks lost to a dead worker (a broken pool)."""
+    lost: list[list[_ImageJob]] = []
+    with ProcessPoolExecutor(
+        max_workers=max(1, min(workers, len(chunks))),
+        mp_context=_pool_context(),
+        initializer=_worker_init,
+        initargs=(Image.MAX_IMAGE_PIXELS,),
+    ) as pool:
+        futures = {}
+        for position, chunk in enumerate(chunks):
+            try:
+                futures[pool.submit(_crop_images, chunk, *params)] = chunk
+            except BrokenProcessPool:  # a worker already died: nothing more can be submitted to this pool
+                lost.extend(chunks[position:])
+                break
+        for future in as_completed(futures):
+            try:
+                outcomes = future.result()
+            except BrokenProcessPool:
+                lost.append(futures[future])
+                continue
+            record(outcomes)
+            progress.update(len(futures[future]))
+    return lost
+
+
+def _chunks(jobs: list[_ImageJob], workers: int) -> list[list[_ImageJob]]:
+    size = max(1, min(16, math.ceil(len(jobs) / (workers * 4))))
+    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+
+def _build_jobs(
+    boxes: pd.DataFrame, images_dir: Path, crops_dir: Path
+) -> tuple[list[_ImageJob], dict[int, tuple[str, str, str]]]:
+    """Group boxes by image; returns the jobs and, per refused row, (kind, message, record)."""
+    refused: dict[int, tuple[str, str, str]] = {}
+    file_names = boxes["file_name"].to_numpy(dtype=object)
+    crop_paths = boxes["crop_path"].to_numpy(dtype=object)
+    coords = boxes[["x", "y", "w", "h"]].to_numpy(dtype=float)
+    widths = boxes["width"].to_numpy(dtype=float, na_value=np.nan)
+    heights = boxes["height"].to_numpy(dtype=float, na_value=np.nan)
+    jobs: list[_ImageJob] = []
+    groups = pd.Series(np.arange(len(boxes))).groupby(file_names, sort=False).indices
+    for file_name, rows in groups.items():
+        try:
+            source = safe_join(images_dir, str(file_name))
+        except UnsafePathError as err:
+            for row in rows:
+                refused[int(row)] = ("unsafe_path", str(err), str(file_name))
+            continue
+        crops = []
+        for row in rows:
+            try:
+                target = safe_join(crops_dir, str(crop_paths[row]))
+            except UnsafePathError as err:
+                refused[int(row)] = ("unsafe_path", str(err), str(crop_paths[row]))
+                continue
+            crops.append(_CropJob(int(row), tuple(coords[row].tolist()), str(target)))  # type: ignore[arg-type]
+        if not crops:
+            continue
+        w, h = widths[rows[0]], heights[rows[0]]
+        recorded = (int(w), int(h)) if np.isfinite(w) and np.isfinite(h) else None
+        jobs.append(_ImageJob(str(source), str(file_name), recorded, tuple(crops)))
+    return jobs, refused
+
+
+def make_crops(
+    boxes: pd.DataFrame, images_dir: Path, crops_dir: Path, settings: CropSettings, report: PrepareReport
+) -> pd.DataFrame:
+    """Write one JPEG per box to ``crops_dir / crop_path``; return ``boxes`` with a ``crop_ok`` column.
+
+    Each image is decoded once for all its boxes, in ``settings.workers`` processes (in this process when it is 1).
+    Crops that exist, are complete JPEGs and have the expected size are skipped without decoding the image, so a
+    re-run after a crash only does the missing work. A missing, truncated or corrupt image, an unsafe path or a
+    degenerate box is reported (stage ``crops``) and its crops get ``crop_ok=False``; the run goes on.
+
+    Args:
+        boxes: the boxes table (``file_name``, ``crop_path``, ``x, y, w, h``, ``width``, ``height``).
+        images_dir: folder holding ``<file_name>``.
+        crops_dir: output folder.
+        settings: strategy, max_size, workers, JPEG quality.
+        report: receives the issues and the counts ``written``, ``redone``, ``skipped``, ``failed``.
+    """
+    images_dir, crops_dir = Path(images_dir), Path(crops_dir)
+    crops_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(crops_dir)
+    if stale:
+        report.count(STAGE, "stale_temporaries_removed", stale)
+    ok = np.zeros(len(boxes), dtype=bool)
+    if boxes.empty:
+        return boxes.assign(crop_ok=ok)
+    jobs, refused = _build_jobs(boxes, images_dir, crops_dir)
+    for kind, message, name in refused.values():
+        report.add(STAGE, kind, message, record=name, field="file_name", action="skipped")
+    report.count(STAGE, "failed", len(refused))
+
+    workers = settings.resolved_workers
+    strategy, max_size, quality = settings.strategy, settings.max_size, settings.quality
+    file_of = {c.row: job.source for job in jobs for c in job.crops}
+    counts = {"written": 0, "redone": 0, "skipped": 0, "failed": 0}
+
+    def record(outcomes: list[_Outcome]) -> None:
+        for outcome in outcomes:
+            if outcome.status == "note":
+                report.add(STAGE, outcome.kind, outcome.message, file=outcome.file, field="width", action="rescaled")
+                continue
+            counts[outcome.status] += 1
+            if outcome.status == "failed":
+                report.add(
+                    STAGE,
+                    outcome.kind,
+                    outcome.message,
+                    file=file_of.get(outcome.row),
+                    record=str(boxes["crop_path"].iat[outcome.row]),
+                    field="bbox" if outcome.kind == "degenerate_box" else "file_name",
+                )
+            else:
+                ok[outcome.row] = True
+
+    progress = tqdm(total=len(jobs), unit="img", desc="crops", disable=not sys.stderr.isatty())
+    try:
+        chunks = _chunks(jobs, workers)
+        if workers == 1 or len(chunks) == 1:
+            for chunk in chunks:
+                record(_crop_images(chunk, strategy, max_size, quality))
+                progress.update(len(chunk))
+        else:
+            params = (strategy, max_size, quality)
+            lost = _run_pool(chunks, workers, params, record, progress)
+            if lost:
+                # A worker died (killed for memory, or a decoder crashed on a hostile file) and took its pool's
+                # pending tasks with it: retry those images one per task, then any still dying each in a fresh
+                # single-worker pool, so that only the culprit is lost.
+                log.warning("a crop worker died; retrying %d images", sum(len(c) for c in lost))
+                lost = _run_pool([[job] for chunk in lost for job in chunk], workers, params, record, progress)
+            for chunk in lost:
+                if _run_pool([chunk], 1, params, record, progress):
+                    record(
+                        [
+                            _Outcome(c.row, "failed", "worker_crashed", f"{job.source}: the crop worker died on it")
+                            for job in chunk
+                            for c in job.crops
+                        ]
+                    )
+    finally:
+        progress.close()
+    for name, value in counts.items():
+        report.count(STAGE, name, value)
+    log.info(
+        "crops: %d written, %d redone, %d already done, %d failed",
+        *(counts[k] for k in ("written", "redone", "skipped", "failed")),
+    )
+    return boxes.assign(crop_ok=ok)

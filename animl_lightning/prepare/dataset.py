@@ -1,0 +1,165 @@
+"""The dataset stage: labelled, cropped boxes become the ``classification_ds.csv`` table.
+
+:func:`build_dataset_frame` keeps the boxes whose crop exists, applies ``split.min_locs`` and returns the table in
+the column order of :mod:`animl_lightning.core.contract`; :func:`write_dataset_files` writes it together with
+``label_index.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from animl_lightning.core.contract import (
+    CSV_FILENAME,
+    LABEL_INDEX_FILENAME,
+    REQUIRED_COLUMNS,
+    write_classification_csv,
+    write_label_index,
+)
+from animl_lightning.core.errors import AnimlError, DataError
+from animl_lightning.core.issues import PrepareReport
+
+log = logging.getLogger(__name__)
+
+STAGE = "dataset"
+EXTRA_COLUMNS: tuple[str, ...] = ("image_id", "annotation_id", "datetime", "seq_id", "source")
+DATASET_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, *EXTRA_COLUMNS)
+_NEEDED = ("crop_path", "location", "dataset_class", "confidence", "label", "crop_ok")
+
+
+class EmptyDatasetError(AnimlError, ValueError):
+    """No crop is left to build a dataset from; the message says which step removed the last ones."""
+
+
+def build_dataset_frame(boxes: pd.DataFrame, dataset: str, min_locs: int | None, report: PrepareReport) -> pd.DataFrame:
+    """Build the ``classification_ds.csv`` frame from labelled boxes.
+
+    Args:
+        boxes: the labelled boxes frame (``crop_path``, ``location``, ``dataset_class``, ``confidence``, ``label``,
+            ``crop_ok``; ``image_id``, ``annotation_id``, ``datetime``, ``seq_id``, ``source`` are carried when
+            present, filled with ``""`` otherwise).
+        dataset: the dataset name written to the ``dataset`` column.
+        min_locs: drop labels seen at fewer distinct ``(dataset, location)`` pairs; ``None`` keeps every label.
+        report: receives the counts and one issue per label dropped by ``min_locs``.
+
+    Returns:
+        The table, columns :data:`DATASET_COLUMNS`, sorted by ``path`` (ties by ``label``), one row per crop path.
+
+    Raises:
+        ValueError: a needed column is missing.
+        EmptyDatasetError: no row is left.
+    """
+    missing = [c for c in _NEEDED if c not in boxes.columns]
+    if missing:
+        raise DataError(f"build_dataset_frame: boxes frame lacks columns {missing}")
+    report.set_count(STAGE, "boxes_in", len(boxes))
+    ok = boxes["crop_ok"].fillna(False).astype(bool).to_numpy()
+    if (~ok).any():
+        report.set_count(STAGE, "crop_failed_dropped", int((~ok).sum()))
+    kept = boxes.loc[ok]
+    if kept.empty:
+        raise EmptyDatasetError(
+            f"dataset {dataset!r}: none of the {len(boxes)} labelled boxes has a crop (crop_ok is False for all); "
+            "see the crops stage in prepare_report.json"
+        )
+
+    frame = pd.DataFrame(
+        {
+            "path": kept["crop_path"].astype(str).to_numpy(),
+            "dataset": dataset,
+            "location": kept["location"].astype(str).to_numpy(),
+            "dataset_class": kept["dataset_class"].astype(str).to_numpy(),
+            "confidence": pd.to_numeric(kept["confidence"], errors="coerce").astype(float).to_numpy(),
+            "label": kept["label"].astype(str).to_numpy(),
+        }
+    )
+    for column in EXTRA_COLUMNS:
+        if column in kept.columns:
+            frame[column] = kept[column].astype("string").fillna("").astype(str).to_numpy()
+        else:
+            frame[column] = ""
+
+    has_duplicates = bool(frame["path"].duplicated().any())
+    # Paths are unique unless an upstream stage misbehaved; the multi-key sort (3x slower) is only needed then.
+    keys = ["path", "label", "source"] if has_duplicates else ["path"]
+    frame = frame.sort_values(keys, kind="stable").reset_index(drop=True)
+    if has_duplicates:
+        duplicated = frame["path"].duplicated(keep="first").to_numpy()
+        for path in sorted(set(frame.loc[duplicated, "path"])):
+            report.add(
+                STAGE,
+                "duplicate_crop_path",
+                f"crop path {path!r} belongs to more than one box; the first (by label, source) is kept",
+                record=path,
+                field="path",
+                action="dropped",
+            )
+        frame = frame.loc[~duplicated].reset_index(drop=True)
+
+    if min_locs is not None:
+        frame = _apply_min_locs(frame, dataset, min_locs, report)
+
+    report.set_count(STAGE, "rows", len(frame))
+    report.set_count(STAGE, "labels", frame["label"].nunique())
+    report.set_count(STAGE, "locations", len(np.unique(_location_codes(frame))))
+    return frame
+
+
+def label_location_counts(frame: pd.DataFrame) -> pd.Series:
+    """Number of distinct ``(dataset, location)`` pairs per label, indexed by label (sorted)."""
+    label_codes, label_values = pd.factorize(frame["label"].astype(str))
+    location_codes = _location_codes(frame)
+    pairs = np.unique(label_codes.astype(np.int64) * (int(location_codes.max(initial=0)) + 1) + location_codes)
+    per_label = np.bincount(pairs // (int(location_codes.max(initial=0)) + 1), minlength=len(label_values))
+    counts = pd.Series(per_label, index=[str(v) for v in label_values], dtype=np.int64)
+    return counts.sort_index()
+
+
+def _location_codes(frame: pd.DataFrame) -> np.ndarray:
+    """One integer per distinct ``(dataset, location)`` pair."""
+    dataset_codes, _ = pd.factorize(frame["dataset"].astype(str))
+    location_codes, location_values = pd.factorize(frame["location"].astype(str))
+    return np.asarray(dataset_codes, dtype=np.int64) * max(len(location_values), 1) + location_codes
+
+
+def write_dataset_files(frame: pd.DataFrame, output_dir: str | Path) -> list[str]:
+    """Write ``classification_ds.csv`` and ``label_index.json`` into ``output_dir``; return the label order."""
+    output_dir = Path(output_dir)
+    write_classification_csv(frame, output_dir / CSV_FILENAME)
+    return write_label_index(frame["label"].astype(str), output_dir / LABEL_INDEX_FILENAME)
+
+
+def _apply_min_locs(frame: pd.DataFrame, dataset: str, min_locs: int, report: PrepareReport) -> pd.DataFrame:
+    per_label = {str(k): int(v) for k, v in label_location_counts(frame).items()}
+    too_few = {label: n for label, n in per_label.items() if n < min_locs}
+    if not too_few:
+        return frame
+    crops = {str(k): int(v) for k, v in frame["label"].value_counts().items()}
+    for label, n_locs in too_few.items():
+        report.add(
+            STAGE,
+            "label_below_min_locs",
+            f"label {label!r} is seen at {n_locs} location(s), fewer than split.min_locs={min_locs}: "
+            f"{crops[label]} crops dropped",
+            record=label,
+            field="split.min_locs",
+            action="dropped",
+        )
+        report.count(STAGE, f"min_locs_dropped:{label}", crops[label])
+    log.warning(
+        "dropping %d label(s) seen at fewer than %d locations: %s",
+        len(too_few),
+        min_locs,
+        ", ".join(f"{label} ({n})" for label, n in too_few.items()),
+    )
+    keep = ~frame["label"].isin(list(too_few)).to_numpy()
+    if not keep.any():
+        raise EmptyDatasetError(
+            f"dataset {dataset!r}: every label is seen at fewer than split.min_locs={min_locs} locations "
+            f"({per_label}); lower split.min_locs or add data"
+        )
+    return frame.loc[keep].reset_index(drop=True)

@@ -1,0 +1,496 @@
+"""The crop classifier: any timm model, cross-entropy, and per-split metrics that also feed the label tables.
+
+The checkpoint's ``hyper_parameters`` hold only plain values (``class_names``, ``model_name``, ``data_config``,
+``crop_strategy``, ``crop_max_size``, ...), so it loads with ``weights_only=True`` and carries everything needed to
+rebuild the preprocessing for inference (see :meth:`CropClassifier.from_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from lightning import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from timm.data.config import resolve_model_data_config
+from torch import Tensor, nn
+from torch.nn import functional
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+from typing_extensions import override
+
+from animl_lightning.core.contract import SPLIT_NAMES
+from animl_lightning.core.crop_rule import CROP_STRATEGIES
+from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.train.checkpointing import (
+    RNG_STATES_KEY,
+    RNG_STATES_PER_RANK_KEY,
+    CheckpointContents,
+    CheckpointError,
+    capture_rng_states,
+    read_checkpoint,
+    restore_rng_states,
+    rng_states_to_restore,
+    temperature_of,
+)
+from animl_lightning.train.datamodule import resolve_input_size
+from animl_lightning.train.scores import macro_scores
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
+class PretrainedWeightsError(AnimlError, ValueError):
+    """Pretrained weights cannot be obtained (hub download failed) or loaded."""
+
+
+class PretrainedFileError(PretrainedWeightsError):
+    """A ``model.pretrained_file`` cannot be read or does not fit the architecture."""
+
+
+class SplitMetrics(nn.Module):
+    """Metric state of one split: scalar metrics, mean loss and the confusion matrix.
+
+    Child modules of the LightningModule, so they follow its device and torchmetrics gathers their *states* across
+    DDP ranks before computing (nothing is averaged per rank).
+    """
+
+    def __init__(self, num_classes: int, split: str) -> None:
+        super().__init__()
+        scalars: dict[str, Any] = {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "precision_macro": MulticlassPrecision(num_classes, average="macro"),
+            "recall_macro": MulticlassRecall(num_classes, average="macro"),
+        }
+        # torchmetrics refuses top_k > num_classes; with fewer than 3 labels top-3 is left out (NaN in the tables).
+        if num_classes >= 3:
+            scalars["top3"] = MulticlassAccuracy(num_classes, top_k=3, average="micro")
+        self.scalars = MetricCollection(scalars, prefix=f"{split}/", compute_groups=False)
+        self.loss = MeanMetric()
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+
+    def reset(self) -> None:
+        """Clear all state (called at epoch start)."""
+        self.scalars.reset()
+        self.loss.reset()
+        self.confusion.reset()
+
+
+class CropClassifier(LightningModule):
+    """A timm classifier over crops, with per-split metrics and checkpointed preprocessing.
+
+    Logged (per epoch, ``<split>`` in train/val/test): ``<split>/loss``, ``<split>/top1``, ``<split>/top3`` (3 or
+    more labels), ``<split>/balanced_accuracy`` (mean recall over labels present in the split, from the
+    confusion matrix, equal to the mean ``recall`` of the per-label table), ``<split>/precision_macro`` and
+    ``<split>/recall_macro`` (torchmetrics macro averages). Train metrics come from augmented batches; train.py
+    evaluates the train crops in eval mode separately.
+
+    Set :attr:`test_split` to make the test loop evaluate (and log as) another split, e.g. the train crops with
+    the eval transform.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        class_names: Sequence[str],
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        drop_rate: float = 0.0,
+        label_smoothing: float = 0.0,
+        finetune_epochs: int = 0,
+        channels_last: bool = True,
+        compile: bool = False,
+        data_config: Mapping[str, Any] | None = None,
+        crop_strategy: str = "square",
+        crop_max_size: int | None = None,
+    ) -> None:
+        """Build the timm model and the metrics.
+
+        Args:
+            model_name: any ``timm.create_model`` name, e.g. ``efficientnet_b3``.
+            class_names: label names in index order (``label_index.json``); sizes the head.
+            pretrained: load timm's ImageNet weights (hub download) before replacing the head.
+            pretrained_file: load weights from this local file instead (``.safetensors``, or a torch state dict /
+                Lightning checkpoint read with ``weights_only=True``); head weights of another shape are dropped.
+            optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); required for fitting only.
+            scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or None.
+            drop_rate: dropout before the classifier head.
+            label_smoothing: cross-entropy label smoothing for the training loss.
+            finetune_epochs: train only the head for this many epochs first (frozen parts keep BN in eval mode).
+            channels_last: use channels-last memory format on CUDA.
+            compile: ``torch.compile`` the network when fitting.
+            data_config: preprocessing (timm data config keys); None = the model's own default config.
+            crop_strategy: how ``prepare.py`` cut the crops (``prepare_info.json`` ``crops.strategy``).
+            crop_max_size: the crops' maximum side (``crops.max_size``), or None.
+        """
+        # Normalise before save_hyperparameters (which reads these locals) so the checkpoint holds only plain
+        # Python values, whatever container Hydra passed in.
+        class_names = [str(name) for name in class_names]
+        model_name = str(model_name)
+        pretrained_file = None if pretrained_file in (None, "") else str(pretrained_file)
+        data_config = dict(data_config) if data_config is not None else None
+        if not model_name:
+            raise ConfigError("model.model_name must name a timm model")
+        if len(class_names) < 2:
+            raise ConfigError(f"class_names needs at least 2 labels, got {class_names}")
+        if len(set(class_names)) != len(class_names):
+            raise ConfigError(f"class_names has duplicates: {class_names}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ConfigError(f"model.drop_rate must be in [0, 1), got {drop_rate}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if finetune_epochs < 0:
+            raise ConfigError(f"model.finetune_epochs must be >= 0, got {finetune_epochs}")
+        if crop_strategy not in CROP_STRATEGIES:
+            raise ConfigError(f"crop_strategy must be one of {list(CROP_STRATEGIES)}, got {crop_strategy!r}")
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.class_names: list[str] = class_names
+        self.test_split: str = "test"
+        # Set from the checkpoint's calibration record (calibrate=true); 1.0 means uncalibrated softmax.
+        self.temperature: float = 1.0
+        self._resume_rng: dict[str, Any] | None = None
+
+        use_hub = pretrained and pretrained_file is None
+        if pretrained and pretrained_file is not None:
+            log.info("model.pretrained_file is set; using %s instead of timm's hub weights", pretrained_file)
+        try:
+            self.model = timm.create_model(
+                model_name, pretrained=use_hub, num_classes=len(class_names), drop_rate=drop_rate
+            )
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise ConfigError(f"model.model_name: {err}") from err
+            raise
+        except OSError as err:  # hub download: offline, no cache, HTTP errors (huggingface_hub raises OSErrors)
+            raise PretrainedWeightsError(
+                f"model.pretrained=true: cannot download timm's weights for {model_name!r} ({err}); "
+                "connect to the internet once (weights are cached), or set model.pretrained_file=PATH to a local "
+                "weights file, or model.pretrained=false"
+            ) from err
+        if pretrained_file is not None:
+            load_pretrained_file(self.model, pretrained_file)
+
+        resolved = data_config if data_config is not None else resolve_model_data_config(self.model)
+        self.hparams["data_config"] = resolve_input_size(resolved, None)
+
+        self.metrics = nn.ModuleDict({_metrics_key(s): SplitMetrics(len(class_names), s) for s in SPLIT_NAMES})
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """Preprocessing config stored in the checkpoint (``input_size``, ``mean``, ``std``, ``interpolation``, ...)."""
+        return dict(self.hparams["data_config"])
+
+    @data_config.setter
+    def data_config(self, value: Mapping[str, Any]) -> None:
+        self.hparams["data_config"] = resolve_input_size(value, None)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | CheckpointContents) -> CropClassifier:
+        """A trained classifier in eval mode on the CPU, from :func:`read_checkpoint` (``weights_only=True``).
+
+        Never downloads or reads other weights (``pretrained`` and ``pretrained_file`` are switched off).
+
+        Raises:
+            CheckpointError: the file is unusable, or its weights do not fit the architecture it names.
+        """
+        contents = path if isinstance(path, CheckpointContents) else read_checkpoint(path)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        kwargs = {k: v for k, v in contents.hparams.items() if k in accepted}
+        kwargs.update(pretrained=False, pretrained_file=None, compile=False)
+        try:
+            model = cls(**kwargs)
+            model.load_state_dict(contents.state_dict)
+        except (RuntimeError, TypeError, AnimlError) as err:
+            raise CheckpointError(
+                f"checkpoint {contents.path}: its weights do not fit {contents.model_name} with "
+                f"{len(contents.class_names)} labels: {str(err).splitlines()[0]}"
+            ) from err
+        model.temperature = contents.temperature
+        model.eval()
+        return model
+
+    @override
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits of a batch of preprocessed crops."""
+        if self.hparams["channels_last"] and images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits: Tensor = self.model(images)
+        return logits
+
+    @override
+    def setup(self, stage: str) -> None:
+        # setup runs before the move to the device; the memory format survives the later ``.to(device)``.
+        if self.hparams["channels_last"] and self.trainer.strategy.root_device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        if stage == "fit" and self.hparams["compile"]:
+            # Module.compile keeps parameter names (no "_orig_mod." prefix), so checkpoints stay loadable.
+            self.model.compile()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        if self._resume_rng is not None:
+            # Restored here, not at load time: the sanity check between loading and this point draws random numbers
+            # (DataLoader seeds) that the uninterrupted run never drew.
+            restore_rng_states(self._resume_rng)
+            self._resume_rng = None
+            # On resume Lightning made this epoch's loader iterator before the sanity check; an uninterrupted run
+            # makes it after this hook. Making it again here draws the loader seed and the sampler's indices from the
+            # restored generators, exactly as the uninterrupted run did.
+            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is not None:
+                iter(fetcher)
+        self._split_metrics("train").reset()
+        self._apply_finetune_mode()
+
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, _ = self._shared_step(batch, "train")
+        self.log("train/batch_loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._split_metrics("val").reset()
+
+    @override
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        if self.test_split not in SPLIT_NAMES:
+            raise ConfigError(f"test_split must be one of {list(SPLIT_NAMES)}, got {self.test_split!r}")
+        self._split_metrics(self.test_split).reset()
+
+    @override
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        _, logits = self._shared_step(batch, self.test_split)
+        probs = (logits.detach().float() / self.temperature).softmax(dim=-1)
+        return {"probs": probs, "target": batch[1], "index": batch[2]}
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.test_split)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run draws the same batches, augmentations and dropout masks as an uninterrupted one.
+        states = capture_rng_states()
+        checkpoint[RNG_STATES_KEY] = states
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every DDP rank has its own generators but only rank 0 writes the file, so it must hold all of them.
+            # Lightning's Trainer.save_checkpoint builds the dict (and calls this hook) on every rank before its own
+            # barrier, so this collective is met by all ranks whenever the save itself can complete.
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, states)
+            checkpoint[RNG_STATES_PER_RANK_KEY] = per_rank
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.temperature = temperature_of(checkpoint)
+        # Only a resumed fit draws from the generators again; evaluation and inference loads leave them alone.
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        states, inexact = rng_states_to_restore(checkpoint, self.trainer.global_rank, self.trainer.world_size)
+        if inexact is not None and self.trainer.is_global_zero:
+            log.warning("resume is not bit-exact: %s", inexact)
+        self._resume_rng = dict(states) if states is not None else None
+
+    @override
+    def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Class probabilities of a batch (a tensor, or a tuple whose first item is the images)."""
+        images = batch if isinstance(batch, Tensor) else batch[0]
+        probs: Tensor = (self(images).float() / self.temperature).softmax(dim=-1)
+        return probs
+
+    @override
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        if self.optimizer_factory is None:
+            raise ConfigError("CropClassifier needs an optimizer to train (configs/optimizer/*.yaml)")
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def confusion_matrix(self, split: str) -> np.ndarray:
+        """The (DDP-gathered) confusion matrix of ``split`` for the current epoch; rows = true labels.
+
+        Under DDP every rank must call this (torchmetrics syncs state on compute).
+        """
+        confusion = self._split_metrics(split).confusion
+        if confusion.update_count == 0 and not torch.distributed.is_initialized():
+            return np.zeros((len(self.class_names),) * 2, dtype=np.int64)
+        return confusion.compute().detach().cpu().numpy().astype(np.int64)
+
+    def _split_metrics(self, split: str) -> SplitMetrics:
+        metrics = self.metrics[_metrics_key(split)]
+        assert isinstance(metrics, SplitMetrics)
+        return metrics
+
+    def _shared_step(self, batch: Batch, split: str) -> tuple[Tensor, Tensor]:
+        images, target = batch[0], batch[1]
+        logits = self(images)
+        smoothing = self.hparams["label_smoothing"] if split == "train" else 0.0
+        loss = functional.cross_entropy(logits, target, label_smoothing=smoothing)
+        metrics = self._split_metrics(split)
+        probs = logits.detach().float().softmax(dim=-1)
+        batch_size = int(target.shape[0])
+        metrics.scalars.update(probs, target)
+        metrics.loss.update(loss.detach(), weight=batch_size)
+        metrics.confusion.update(probs, target)
+        return loss, logits
+
+    def _log_epoch_metrics(self, split: str) -> None:
+        """Compute and log the split's epoch metrics, on every rank, in one fixed order.
+
+        Metric objects are computed here and logged as plain values, never handed to ``self.log``: Lightning would
+        compute a logged Metric (a collective under DDP) wherever its value is first read, and the progress bar reads
+        them on rank 0 only, so the ranks' collectives would pair up wrongly and abort the run.
+        """
+        metrics = self._split_metrics(split)
+        confusion = self.confusion_matrix(split)
+        if confusion.sum() == 0:
+            return
+        values = {name: float(value) for name, value in metrics.scalars.compute().items()}
+        values[f"{split}/loss"] = float(metrics.loss.compute())
+        values[f"{split}/balanced_accuracy"] = macro_scores(confusion)["balanced_accuracy"]
+        for name, value in values.items():
+            # Every rank holds the same gathered value, so the mean over ranks is that value.
+            self.log(name, value, prog_bar=name in {"val/loss", "val/balanced_accuracy"}, sync_dist=True)
+
+    def logged_metric_names(self) -> set[str]:
+        """Every metric name this classifier logs (what ``monitor`` may name)."""
+        names = {"loss", "top1", "balanced_accuracy", "precision_macro", "recall_macro"}
+        if len(self.class_names) >= 3:
+            names.add("top3")
+        return {f"{split}/{name}" for split in SPLIT_NAMES for name in names} | {"train/batch_loss"}
+
+    def _apply_finetune_mode(self) -> None:
+        finetune_epochs: int = self.hparams["finetune_epochs"]
+        if finetune_epochs == 0:
+            return
+        head: nn.Module = self.model.get_classifier()  # type: ignore[operator]
+        head_params = {id(p) for p in head.parameters()}
+        frozen = self.current_epoch < finetune_epochs
+        for param in self.model.parameters():
+            param.requires_grad_(not frozen or id(param) in head_params)
+        if frozen:
+            self.model.eval()
+            head.train()
+        else:
+            self.model.train()
+        if self.current_epoch in (0, finetune_epochs):
+            log.info("epoch %d: training %s", self.current_epoch, "the head only" if frozen else "all layers")
+
+
+def load_pretrained_file(model: nn.Module, path: str | Path) -> None:
+    """Load backbone weights from a local file into a timm ``model``, keeping a head of another shape as built.
+
+    Accepts ``.safetensors``, a plain state dict, a Lightning checkpoint (``state_dict`` with ``model.`` prefixes)
+    or the old pipeline's ``{"model": state_dict}``; torch files are read with ``weights_only=True``.
+
+    Raises:
+        PretrainedFileError: naming the file and the first mismatched keys when it does not fit the architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedFileError(f"model.pretrained_file {path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: object = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt files raise many types (pickle, zip, safetensors, unpickler refusals)
+        raise PretrainedFileError(f"model.pretrained_file {path}: cannot read weights: {err}") from err
+    state = _unwrap_state_dict(raw, path)
+
+    own = model.state_dict()
+    head_prefixes = _head_prefixes(model)
+
+    def is_head(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in head_prefixes)
+
+    shape_mismatch = [
+        f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape) and not is_head(k)
+    ]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not is_head(k) and not k.endswith("num_batches_tracked")]
+    if shape_mismatch or unexpected or missing:
+        details = []
+        if shape_mismatch:
+            details.append(f"{len(shape_mismatch)} shape mismatches, e.g. {shape_mismatch[:5]}")
+        if missing:
+            details.append(f"{len(missing)} keys missing from the file, e.g. {missing[:5]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys in the file, e.g. {unexpected[:5]}")
+        raise PretrainedFileError(
+            f"model.pretrained_file {path} does not fit {type(model).__name__} "
+            f"({getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}): " + "; ".join(details)
+        )
+    dropped = [k for k, v in state.items() if is_head(k) and tuple(v.shape) != tuple(own[k].shape)]
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    model.load_state_dict(kept, strict=False)
+    if dropped:
+        log.info("loaded %s; re-initialised head (%s) for the new label count", path, ", ".join(dropped))
+    else:
+        log.info("loaded %s", path)
+
+
+def _unwrap_state_dict(raw: object, path: Path) -> dict[str, Tensor]:
+    if isinstance(raw, Mapping):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            nested = raw.get(key)
+            if isinstance(nested, Mapping) and nested and all(isinstance(v, Tensor) for v in nested.values()):
+                raw = nested
+                break
+    if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise PretrainedFileError(f"model.pretrained_file {path}: expected a state dict of tensors")
+    state = {str(k): v for k, v in raw.items()}
+    for prefix in ("model.", "module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _head_prefixes(model: nn.Module) -> list[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier", "classifier")
+    return [classifier] if isinstance(classifier, str) else [str(c) for c in classifier]
+
+
+def _metrics_key(split: str) -> str:
+    # nn.ModuleDict refuses the key "train" (it is an nn.Module method).
+    return f"{split}_metrics"

@@ -1,0 +1,232 @@
+"""One training run: fit, evaluate the best checkpoint on every split, print and record the results.
+
+``train.py`` instantiates the data module, the classifier, the callbacks, the loggers and the trainer from the
+config and hands them to :func:`fit_and_evaluate`; everything after that is here, typed and checked like the rest.
+
+After fitting, the best checkpoint is evaluated with the test loop on the train crops (eval transform, no
+augmentation), the val crops and the test crops; :class:`~animl_lightning.train.tables.MetricTables` collects the
+tables of each and writes them together at the end (``metrics/*.csv``), and the per-label table is printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from animl_lightning.core.contract import SPLIT_NAMES
+from animl_lightning.core.crop_rule import CropRule
+from animl_lightning.core.errors import ConfigError
+from animl_lightning.train.checkpointing import CheckpointContents, CheckpointError, read_checkpoint
+from animl_lightning.train.classifier import CropClassifier
+from animl_lightning.train.datamodule import CropDataModule
+from animl_lightning.train.sweeps import write_run_results
+from animl_lightning.train.tables import MetricTables
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """Turn ``precision: auto`` into ``bf16-mixed`` on a bf16-capable CUDA GPU, else ``32-true``.
+
+    Other values pass through unchanged.
+    """
+    if str(precision) != "auto":
+        return precision
+    wants_gpu = str(accelerator) in {"auto", "gpu", "cuda"}
+    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_sync_batchnorm(sync_batchnorm: bool, accelerator: str) -> bool:
+    """Keep ``trainer.sync_batchnorm`` only where it works: PyTorch's SyncBatchNorm needs CUDA devices."""
+    if not sync_batchnorm:
+        return False
+    on_gpu = str(accelerator) in {"gpu", "cuda"} or (str(accelerator) == "auto" and torch.cuda.is_available())
+    if not on_gpu:
+        log.info("trainer.sync_batchnorm ignored: SyncBatchNorm needs CUDA devices (accelerator=%s)", accelerator)
+    return on_gpu
+
+
+def check_checkpoint_fits(contents: CheckpointContents, labels: list[str], crop_rule: CropRule, data_dir: str) -> None:
+    """Refuse a checkpoint trained on other labels or crops than the dataset's (resume and ``train=false``).
+
+    Raises:
+        CheckpointError: naming the checkpoint, the dataset and what differs.
+    """
+    if contents.class_names != labels:
+        raise CheckpointError(
+            f"checkpoint {contents.path} was trained on labels {contents.class_names}, but {data_dir} has {labels}; "
+            "use a dataset with the same label_index.json"
+        )
+    if contents.crop_rule != crop_rule:
+        raise CheckpointError(
+            f"checkpoint {contents.path} was trained on crops cut with {contents.crop_rule.to_dict()}, but "
+            f"{data_dir} was prepared with {crop_rule.to_dict()}; use a dataset prepared with the same crops.* settings"
+        )
+
+
+def model_to_evaluate(ckpt_path: str | None, labels: list[str], crop_rule: CropRule, data_dir: str) -> CropClassifier:
+    """The classifier of ``ckpt_path`` for ``train=false``, checked against the dataset."""
+    if not ckpt_path:
+        raise ConfigError("ckpt_path: train=false needs ckpt_path=PATH of the checkpoint to evaluate")
+    contents = read_checkpoint(ckpt_path)
+    check_checkpoint_fits(contents, labels, crop_rule, data_dir)
+    return CropClassifier.from_checkpoint(contents)
+
+
+def checkpoint_data_dir(ckpt_path: str) -> str | None:
+    """The prepared dataset a checkpoint was trained on (``hyper_parameters.data_dir``), if it still exists."""
+    data_dir = read_checkpoint(ckpt_path).hparams.get("data_dir")
+    return str(data_dir) if isinstance(data_dir, str) and Path(data_dir).is_dir() else None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The top-level keys of ``configs/train.yaml`` a run needs after its objects are built."""
+
+    train: bool
+    test: bool
+    ckpt_path: str | None
+    monitor: str
+    output_dir: str | None
+
+
+def fit_and_evaluate(
+    trainer: Trainer, model: CropClassifier, datamodule: CropDataModule, settings: RunSettings
+) -> float | None:
+    """Fit (unless ``train=false``), evaluate every split on the best checkpoint, write the tables and
+    ``results.json``, print the tables; return the monitored metric (for sweepers).
+    """
+    eval_ckpt: str | None = None
+    if settings.train:
+        with _interrupt_as_keyboard_interrupt(trainer):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=settings.ckpt_path, weights_only=True)
+        # With calibrate=true rank 0 rewrites best.ckpt in on_fit_end; no rank may load it before that is done.
+        trainer.strategy.barrier("calibrated")
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
+            # The path, not "best": with last_checkpoint there are two ModelCheckpoint callbacks, and the first one
+            # (trainer.checkpoint_callback) is the one that keeps the best.
+            eval_ckpt = checkpoint.best_model_path
+            log.info("evaluating the best checkpoint %s", checkpoint.best_model_path)
+        else:
+            log.warning("no best checkpoint was saved; evaluating the final weights")
+    with _interrupt_as_keyboard_interrupt(trainer):
+        results = evaluate(trainer, model, datamodule, eval_ckpt, with_test=settings.test)
+
+    tables = next((c for c in trainer.callbacks if isinstance(c, MetricTables)), None)  # type: ignore[attr-defined]
+    if tables is not None:
+        tables.write(trainer)
+    if trainer.is_global_zero:
+        if tables is not None:
+            print_tables(tables.per_label, tables.overall)
+            log.info("tables written to %s", tables.dirpath)
+        else:
+            log.info("results: %s", results)
+    value = monitored_value(settings.monitor, results, trainer)
+    if trainer.is_global_zero and settings.output_dir is not None:
+        # Read by the sweep summary (animl_lightning.hydra_callbacks): best val metric and the test metrics.
+        write_run_results(settings.output_dir, settings.monitor, value, results)
+    return value
+
+
+@contextmanager
+def _interrupt_as_keyboard_interrupt(trainer: Trainer) -> Iterator[None]:
+    """Lightning answers Ctrl-C with ``sys.exit(1)`` after its own cleanup; turn that back into an interrupt."""
+    try:
+        yield
+    except SystemExit as exit_:
+        if not trainer.interrupted:
+            raise
+        # Lightning ignores further Ctrl-C during its shutdown and leaves it so; give it back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt from exit_
+
+
+def evaluate(
+    trainer: Trainer,
+    model: CropClassifier,
+    datamodule: CropDataModule,
+    ckpt_path: str | None,
+    with_test: bool,
+) -> dict[str, float]:
+    """Run the test loop on the train (eval transform), val and test crops; return every logged metric.
+
+    ``ckpt_path`` is loaded before the first split; the others reuse those weights. Empty splits are skipped with
+    a log line.
+    """
+    results: dict[str, float] = {}
+    for split in SPLIT_NAMES:
+        if split == "test" and not with_test:
+            log.info("test=false: not evaluating the test split")
+            continue
+        if datamodule.split_size(split) == 0:
+            log.info("the %s split has no crops; skipping its evaluation", split)
+            continue
+        model.test_split = datamodule.test_split = split
+        try:
+            outputs = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
+        finally:
+            model.test_split = datamodule.test_split = "test"
+        ckpt_path = None
+        for output in outputs:
+            results.update({k: float(v) for k, v in output.items()})
+    return results
+
+
+def monitored_value(monitor: str, results: Mapping[str, float], trainer: Trainer) -> float | None:
+    """The monitored metric for sweepers: its value on the evaluated best checkpoint, else the best seen."""
+    if monitor in results:
+        return float(results[monitor])
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.best_model_score is not None:
+        return float(callback.best_model_score)
+    value = trainer.callback_metrics.get(monitor)
+    return float(value) if value is not None else None
+
+
+def check_monitor(monitor: str, model: CropClassifier) -> None:
+    """Refuse a ``monitor`` that the classifier never logs, listing the ones it does."""
+    available = model.logged_metric_names()
+    if monitor not in available:
+        raise ConfigError(f"monitor: {monitor!r} is not a logged metric; choose one of {sorted(available)}")
+
+
+def print_tables(per_label: pd.DataFrame, overall: pd.DataFrame) -> None:
+    """Print the per-label and overall tables to the terminal (rich tables)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    # Logs and CI have no terminal width; a fixed width keeps every column readable there instead of truncated.
+    console = Console(width=160) if not sys.stdout.isatty() else Console()
+
+    def show(frame: pd.DataFrame, title: str) -> None:
+        table = Table(title=title)
+        for column in frame.columns:
+            justify: Literal["left", "right"] = "left" if frame[column].dtype == object else "right"
+            table.add_column(str(column), justify=justify, no_wrap=True)
+        for row in frame.itertuples(index=False):
+            table.add_row(*(_format_cell(v) for v in row))
+        console.print(table)
+
+    show(overall, "overall")
+    show(per_label, "per label (type_I_error = 1 - precision, type_II_error = 1 - recall)")
+
+
+def _format_cell(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return str(value)

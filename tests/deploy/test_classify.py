@@ -1,0 +1,416 @@
+"""classify: MegaDetector / CCT / crops-folder input -> MegaDetector JSON with classifications (and CSV)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import animl_lightning.deploy.classify as classify_module
+from animl_lightning.core.crop_rule import crop_image
+from animl_lightning.core.imaging import load_image
+from animl_lightning.deploy.classify import (
+    FAILURE_PREFIX,
+    ClassifyInputError,
+    ClassifySettings,
+    classify_detections,
+    detections_from_cct,
+    detections_from_crops_folder,
+    read_detections_file,
+)
+from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
+from tests.fixtures.hydra import REPO_ROOT
+from tests.fixtures.models import CLASS_NAMES, write_checkpoint, write_jpeg, write_megadetector_file
+
+REPO = REPO_ROOT
+SETTINGS = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=0, top_k=3)
+# (image index, detection index) of the detections at or above 0.8 in readable images.
+CLASSIFIED = {(0, 0), (0, 3), (1, 0), (6, 0), (6, 1)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("classify") / "best.ckpt", crop_strategy="pad")
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint: Path) -> LoadedClassifier:
+    return load_classifier(checkpoint, device="cpu")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_megadetector_file_gets_classifications(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, original = write_megadetector_file(tmp_path)
+    output = tmp_path / "out" / "classified.json"
+    summary = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, SETTINGS)
+    result = _read(output)
+
+    assert result["info"]["format_version"] == "1.4"
+    assert result["info"]["classifier"] == "test_efficientnet/best.ckpt"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", result["info"]["classification_completion_time"])
+    assert result["info"]["detector"] == "md_v5a.0.0.pt"
+    assert result["classification_categories"] == {str(i): name for i, name in enumerate(CLASS_NAMES)}
+    assert result["detection_categories"] == original["detection_categories"]
+    assert len(result["images"]) == len(original["images"])
+
+    for i, (before, after) in enumerate(zip(original["images"], result["images"], strict=True)):
+        assert after["file"] == before["file"]
+        if before["detections"] is None:
+            assert after["detections"] is None
+            continue
+        for j, (det_before, det_after) in enumerate(zip(before["detections"], after["detections"], strict=True)):
+            assert {k: det_after[k] for k in ("category", "conf", "bbox")} == det_before  # boxes untouched
+            if (i, j) in CLASSIFIED:
+                classes = det_after["classifications"]
+                assert classes, (i, j)
+                ids = [c[0] for c in classes]
+                confs = [c[1] for c in classes]
+                assert all(isinstance(c, str) and c in result["classification_categories"] for c in ids)
+                assert confs == sorted(confs, reverse=True)
+                assert all(round(c, 4) == c and c >= SETTINGS.min_conf for c in confs)
+                assert sum(confs) <= 1.0 + 1e-3
+            else:
+                assert "classifications" not in det_after, (i, j)  # below threshold, or not an animal
+
+    by_file = {image["file"]: image for image in result["images"]}
+    assert by_file["cam2/d_missing.jpg"]["failure"].startswith(FAILURE_PREFIX)
+    assert "not found" in by_file["cam2/d_missing.jpg"]["failure"]
+    assert by_file["cam2/corrupt.jpg"]["failure"].startswith(FAILURE_PREFIX)
+    assert by_file["cam2/failed_by_md.jpg"]["failure"] == "Failure image access"
+    assert "failure" not in by_file["cam1/a.jpg"]
+    assert summary.detections_classified == len(CLASSIFIED)
+    assert summary.detections_failed == 2 and summary.images_failed == 2
+    assert {f["file"] for f in summary.failures} == {"cam2/d_missing.jpg", "cam2/corrupt.jpg"}
+    assert not list(output.parent.glob(".*tmp-*"))
+
+
+def test_probabilities_use_the_checkpoint_crop_rule_and_preprocessing(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, original = write_megadetector_file(tmp_path)
+    output = tmp_path / "classified.json"
+    settings = ClassifySettings(threshold=0.8, min_conf=0.0, batch_size=8, num_workers=0)
+    classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
+    detection = _read(output)["images"][0]["detections"][0]
+
+    image = load_image(images_dir / "cam1" / "a.jpg")
+    x, y, w, h = original["images"][0]["detections"][0]["bbox"]
+    crop = crop_image(image, (x * 320, y * 240, w * 320, h * 240), "pad", None)
+    assert crop.size[0] == crop.size[1]  # "pad" comes from the checkpoint
+    expected = loaded.probabilities(loaded.transform(crop)[None]).numpy()[0]
+    got = np.zeros(len(CLASS_NAMES))
+    for class_id, conf in detection["classifications"]:
+        got[int(class_id)] = conf
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_min_conf_filters_classifications(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    output = tmp_path / "classified.json"
+    settings = ClassifySettings(threshold=0.8, min_conf=0.26, num_workers=0)
+    classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
+    confs = [
+        c[1]
+        for image in _read(output)["images"]
+        for d in image["detections"] or []
+        for c in d.get("classifications", [])
+    ]
+    assert confs and min(confs) >= 0.26
+
+
+def test_csv_has_one_row_per_detection_with_top_k(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    output_csv = tmp_path / "classified.csv"
+    classify_detections(
+        loaded, read_detections_file(detections_file), images_dir, tmp_path / "c.json", SETTINGS, output_csv
+    )
+    frame = pd.read_csv(output_csv, keep_default_na=False, na_values=[""])
+    assert list(frame.columns[:9]) == ["file", "detection", "category", "conf", "x", "y", "w", "h", "failure"]
+    assert list(frame.columns[9:]) == ["label_1", "score_1", "label_2", "score_2", "label_3", "score_3"]
+    assert len(frame) == len(CLASSIFIED) + 2  # plus the missing and the corrupt image
+    ok = frame[frame["failure"].isna()]
+    assert len(ok) == len(CLASSIFIED)
+    assert set(ok[["label_1", "label_2", "label_3"]].to_numpy().ravel()) <= set(CLASS_NAMES)
+    scores = ok[["score_1", "score_2", "score_3"]].to_numpy()
+    assert (np.diff(scores, axis=1) <= 0).all()
+    failed = frame[frame["failure"].notna()]
+    assert set(failed["file"]) == {"cam2/d_missing.jpg", "cam2/corrupt.jpg"}
+
+
+def test_rerun_resumes_finished_images(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, original = write_megadetector_file(tmp_path)
+    output, output_csv = tmp_path / "resumed.json", tmp_path / "resumed.csv"
+    first_half = dict(original, images=original["images"][:2])
+    first = classify_detections(loaded, first_half, images_dir, output, SETTINGS, output_csv)
+    assert first.detections_classified == 3
+
+    second = classify_detections(
+        loaded, read_detections_file(detections_file), images_dir, output, SETTINGS, output_csv
+    )
+    assert second.detections_resumed == 3
+    assert second.detections_classified == len(CLASSIFIED) - 3
+
+    fresh = tmp_path / "fresh.json"
+    classify_detections(loaded, read_detections_file(detections_file), images_dir, fresh, SETTINGS)
+    resumed_images, fresh_images = _read(output)["images"], _read(fresh)["images"]
+    assert resumed_images == fresh_images
+    assert len(pd.read_csv(output_csv)) == len(CLASSIFIED) + 2
+
+    # Failed images are retried; finished ones are not.
+    third = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, SETTINGS, output_csv)
+    assert third.detections_resumed == len(CLASSIFIED)
+    assert third.detections_classified == 0 and third.detections_failed == 2
+
+    # Other settings give other classifications: nothing is kept.
+    stricter = ClassifySettings(threshold=0.8, min_conf=0.2, batch_size=3, num_workers=0, top_k=3)
+    fourth = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, stricter)
+    assert fourth.detections_resumed == 0 and fourth.detections_classified == len(CLASSIFIED)
+    assert _read(output)["info"]["classifier_metadata"]["min_conf"] == 0.2
+
+
+def test_interrupted_run_leaves_a_partial_output_that_resumes(
+    loaded: LoadedClassifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    output = tmp_path / "partial.json"
+    real_batches = classify_module._batches
+
+    def interrupted(*args: Any) -> Iterator[Any]:
+        batches = real_batches(*args)
+        yield next(batches)
+        yield next(batches)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(classify_module, "_batches", interrupted)
+    settings = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=2, num_workers=0, save_interval_s=0)
+    with pytest.raises(KeyboardInterrupt):
+        classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
+    partial = _read(output)
+    assert "classification_completion_time" not in partial["info"]
+    done = [d for image in partial["images"] for d in image["detections"] or [] if "classifications" in d]
+    assert 1 <= len(done) < len(CLASSIFIED)
+
+    monkeypatch.setattr(classify_module, "_batches", real_batches)
+    summary = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
+    assert summary.detections_resumed >= 1
+    assert summary.detections_resumed + summary.detections_classified == len(CLASSIFIED)
+    assert "classification_completion_time" in _read(output)["info"]
+
+
+def test_output_of_another_classifier_is_not_overwritten(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, original = write_megadetector_file(tmp_path)
+    output = tmp_path / "other.json"
+    output.write_text(json.dumps(dict(original, classification_categories={"0": "cat"})))
+    with pytest.raises(ClassifyInputError, match="classification_categories differ"):
+        classify_detections(loaded, read_detections_file(detections_file), images_dir, output, SETTINGS)
+
+
+def test_dataloader_workers_give_the_same_results(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    results = read_detections_file(detections_file)
+    classify_detections(loaded, results, images_dir, tmp_path / "w0.json", SETTINGS)
+    with_workers = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=2)
+    classify_detections(loaded, results, images_dir, tmp_path / "w2.json", with_workers)
+    assert _read(tmp_path / "w0.json")["images"] == _read(tmp_path / "w2.json")["images"]
+
+
+def test_cct_ground_truth_boxes_are_classified(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    images_dir = tmp_path / "images"
+    write_jpeg(images_dir / "loc1" / "x.jpg", 300, 200, 11)
+    write_jpeg(images_dir / "loc1" / "y.jpg", 160, 120, 12)
+    cct = {
+        "images": [
+            {"id": "x", "file_name": "loc1/x.jpg", "width": 300, "height": 200},
+            {"id": "y", "file_name": "loc1/y.jpg"},  # size read from the file
+            {"id": "z", "file_name": "loc1/z_missing.jpg"},
+            {"id": "w", "file_name": "loc1/empty.jpg", "width": 10, "height": 10},
+        ],
+        "annotations": [
+            {"id": "a1", "image_id": "x", "category_id": 1, "bbox": [30, 20, 90, 60]},
+            {"id": "a2", "image_id": "x", "category_id": 2, "bbox": [150, 100, 100, 80]},
+            {"id": "a3", "image_id": "y", "category_id": 1, "bbox": [16, 12, 80, 60]},
+            {"id": "a4", "image_id": "z", "category_id": 1, "bbox": [1, 1, 5, 5]},
+            {"id": "a5", "image_id": "w", "category_id": 0},
+        ],
+        "categories": [{"id": 0, "name": "empty"}, {"id": 1, "name": "deer"}, {"id": 2, "name": "fox"}],
+    }
+    cct_file = tmp_path / "cct.json"
+    cct_file.write_text(json.dumps(cct))
+    results = detections_from_cct(cct_file, images_dir)
+    summary = classify_detections(loaded, results, images_dir, tmp_path / "cct_out.json", SETTINGS)
+    out = {image["file"]: image for image in _read(tmp_path / "cct_out.json")["images"]}
+    assert out["loc1/x.jpg"]["detections"][0]["bbox"] == pytest.approx([0.1, 0.1, 0.3, 0.3])
+    assert out["loc1/y.jpg"]["detections"][0]["bbox"] == pytest.approx([0.1, 0.1, 0.5, 0.5])
+    assert all(d["classifications"] for name in ("loc1/x.jpg", "loc1/y.jpg") for d in out[name]["detections"])
+    assert "not found" in out["loc1/z_missing.jpg"]["failure"]
+    assert out["loc1/empty.jpg"]["detections"] == []
+    assert summary.detections_classified == 3
+    assert summary.images_skipped_failed_input == 1
+
+
+def test_folder_of_crops_is_classified(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    crops = tmp_path / "crops"
+    for i, name in enumerate(["a/one.jpg", "a/two.jpg", "b/three.jpg"]):
+        write_jpeg(crops / name, 80 + 10 * i, 60, 20 + i)
+    (crops / "notes.txt").write_text("not an image")
+    results = detections_from_crops_folder(crops)
+    assert [image["file"] for image in results["images"]] == ["a/one.jpg", "a/two.jpg", "b/three.jpg"]
+    csv_path = tmp_path / "crops.csv"
+    summary = classify_detections(loaded, results, crops, tmp_path / "crops.json", SETTINGS, csv_path)
+    assert summary.detections_classified == 3
+    frame = pd.read_csv(csv_path)
+    assert list(frame["file"]) == ["a/one.jpg", "a/two.jpg", "b/three.jpg"]
+    assert frame["label_1"].isin(CLASS_NAMES).all()
+
+    # A full-frame crop gives the same probabilities as classifying the crop file directly.
+    image = load_image(crops / "a" / "one.jpg")
+    crop = crop_image(image, (0, 0, image.width, image.height), "pad", None)
+    expected = loaded.probabilities(loaded.transform(crop)[None]).numpy()[0]
+    assert frame.loc[0, "score_1"] == pytest.approx(float(np.max(expected)), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d["images"][0]["detections"][0].update(bbox=[0.1, 0.2]),
+            r"images\[0\] \(cam1/a.jpg\) detections\[0\]: field 'bbox'",
+        ),
+        (
+            lambda d: d["images"][1]["detections"][0].update(conf="high"),
+            r"images\[1\] \(cam1/b.jpg\) detections\[0\]: field 'conf'",
+        ),
+        (
+            lambda d: d["images"][0]["detections"][0].update(category="9"),
+            r"field 'category' '9' is not in detection_categories",
+        ),
+        (lambda d: d.pop("detection_categories"), r"field 'detection_categories'"),
+        (lambda d: d["images"][2].pop("file"), r"images\[2\]: field 'file'"),
+        (
+            lambda d: d["images"][1]["detections"][0].update(conf=1.5),
+            r"images\[1\] \(cam1/b.jpg\) detections\[0\]: field 'conf' must be a number in \[0, 1\]",
+        ),
+        (lambda d: d["images"].append({"file": "cam1/a.jpg"}), r"images\[7\] \(cam1/a.jpg\): field 'file' is listed"),
+        # The output is written as format 1.x, so a file of another format is refused rather than mislabelled.
+        (lambda d: d["info"].update(format_version="2.0"), r"info.format_version '2.0' is not a supported 1.x"),
+    ],
+)
+def test_bad_detections_file_names_record_and_field(tmp_path: Path, change: Any, message: str) -> None:
+    detections_file, _, original = write_megadetector_file(tmp_path)
+    change(original)
+    detections_file.write_text(json.dumps(original))
+    with pytest.raises(ClassifyInputError, match=message) as caught:
+        read_detections_file(detections_file)
+    assert str(caught.value).startswith(f"detections_file: {detections_file}: ")
+
+
+def test_settings_name_the_bad_key() -> None:
+    with pytest.raises(ValueError, match=r"classify\.batch_size"):
+        ClassifySettings(batch_size=0)
+    with pytest.raises(ValueError, match=r"detections\.threshold"):
+        ClassifySettings(threshold=1.5)
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, "-m", "animl_lightning.classify", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_cli_classifies_a_megadetector_file(checkpoint: Path, tmp_path: Path) -> None:
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    output = tmp_path / "cli.json"
+    args = [
+        f"checkpoint={checkpoint}",
+        f"detections_file={detections_file}",
+        f"images_dir={images_dir}",
+        f"output_file={output}",
+        f"output_csv={tmp_path / 'cli.csv'}",
+        "classify.num_workers=0",
+        "device=cpu",
+    ]
+    done = _run_cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "classified now" in done.stdout
+    result = _read(output)
+    classified = sum("classifications" in d for image in result["images"] for d in image["detections"] or [])
+    assert classified == len(CLASSIFIED)
+    assert (tmp_path / "cli.csv").is_file()
+    assert not (tmp_path / "outputs").exists()  # Hydra writes nothing next to the caller
+
+
+def _main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the Hydra entry point in this process (as ``python -m animl_lightning.classify ARGS``)."""
+    from animl_lightning.classify import main
+
+    monkeypatch.setattr(sys, "argv", ["animl_lightning.classify", *args])
+    try:
+        main()
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["detections_file=DIR/nope.json", "images_dir=DIR/images"], "nope.json does not exist"),
+        (["images_dir=DIR/images"], "set exactly one of detections_file, cct_file, crops_dir"),
+        (["detections_file=DIR/md.json", "images_dir=DIR/no_such_dir"], "images_dir: "),
+        (["detections_file=DIR/md.json", "images_dir=DIR/images", "classify.batch_size=0"], "classify.batch_size"),
+        (["detections_file=DIR/md.json", "images_dir=DIR/images", "checkpoint=DIR/md.json"], "cannot be read"),
+    ],
+)
+def test_cli_reports_bad_input_without_traceback(
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    write_megadetector_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = [f"checkpoint={checkpoint}", f"output_file={tmp_path / 'bad.json'}"]
+    args += [a.replace("DIR", str(tmp_path)) for a in extra]
+    assert _main(args, monkeypatch) == 2
+    captured = capsys.readouterr()
+    assert message in captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_torch_threads_untouched() -> None:
+    # classify must not leave global torch state changed for the caller (guards against set_num_threads hacks).
+    assert torch.get_num_threads() >= 1
+
+
+def test_a_zero_width_box_fails_that_detection_only(loaded: LoadedClassifier, tmp_path: Path) -> None:
+    detections_file, images_dir, original = write_megadetector_file(tmp_path)
+    original["images"][0]["detections"][0]["bbox"] = [0.1, 0.2, 0.0, 0.25]  # rounded to zero width by the detector
+    detections_file.write_text(json.dumps(original))
+    output = tmp_path / "classified.json"
+    settings = ClassifySettings(threshold=0.8, min_conf=0.0, num_workers=0)
+    summary = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
+    first = _read(output)["images"][0]["detections"]
+    assert "classifications" not in first[0]
+    assert first[3]["classifications"]  # the other animal box of the same image is still classified
+    assert any(f["file"] == "cam1/a.jpg" and f["detection"] == 0 for f in summary.failures)

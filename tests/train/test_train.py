@@ -1,0 +1,253 @@
+"""End-to-end train.py runs (model=tiny on CPU) through Hydra's compose API."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from PIL import Image
+
+import train as train_script
+from animl_lightning.cli import user_error
+from animl_lightning.core.contract import DatasetError, read_crop_rule
+from animl_lightning.core.crop_rule import CropRule
+from animl_lightning.train.classifier import CropClassifier
+from animl_lightning.train.run import resolve_precision
+from animl_lightning.train.scores import OVERALL_COLUMNS, PER_LABEL_COLUMNS
+from tests.fixtures.datasets import make_prepared_dataset
+from tests.fixtures.hydra import REPO_ROOT, compose_train
+
+LABELS = ["bird", "fox", "skunk"]
+SPLITS = ["train", "val", "test"]
+
+
+def run_train(data_dir: Path, output_dir: Path, *overrides: str) -> float | None:
+    cfg = compose_train(data_dir, output_dir, overrides)
+    return train_script.train(cfg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # fox has no crop in the test split: its test row must still exist (support 0, recall NaN)
+    return make_prepared_dataset(tmp_path_factory.mktemp("data"), missing=[("test", "fox")])
+
+
+@pytest.fixture(scope="module")
+def fitted(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float | None]:
+    output = tmp_path_factory.mktemp("run")
+    return output, run_train(data_dir, output)
+
+
+def read_metrics(output: Path) -> dict[str, pd.DataFrame]:
+    metrics = output / "metrics"
+    return {
+        "per_label": pd.read_csv(metrics / "per_label.csv"),
+        "overall": pd.read_csv(metrics / "overall.csv"),
+        **{f"predictions_{s}": pd.read_csv(metrics / f"predictions_{s}.csv") for s in SPLITS},
+    }
+
+
+def test_fit_writes_every_table(fitted: tuple[Path, float | None], data_dir: Path) -> None:
+    output, value = fitted
+    assert (output / "checkpoints" / "best.ckpt").is_file()
+    assert (output / "checkpoints" / "last.ckpt").is_file()
+    assert (output / "csv" / "metrics.csv").is_file()
+    tables = read_metrics(output)
+
+    per_label = tables["per_label"]
+    assert list(per_label.columns) == list(PER_LABEL_COLUMNS)
+    assert list(zip(per_label["split"], per_label["label"], strict=True)) == [(s, lb) for s in SPLITS for lb in LABELS]
+    support = per_label.set_index(["split", "label"])["support"]
+    assert support[("train", "bird")] == 16 and support[("val", "fox")] == 8 and support[("test", "fox")] == 0
+    test_fox = per_label[(per_label["split"] == "test") & (per_label["label"] == "fox")].iloc[0]
+    assert math.isnan(test_fox["recall"]) and math.isnan(test_fox["type_II_error"])
+    assert (per_label["tp"] + per_label["fn"] == per_label["support"]).all()
+    finite = per_label.dropna(subset=["precision"])
+    assert ((finite["type_I_error"] - (1 - finite["precision"])).abs() < 1e-9).all()
+
+    overall = tables["overall"]
+    assert list(overall.columns) == list(OVERALL_COLUMNS)
+    assert list(overall["split"]) == SPLITS
+    assert list(overall["n"]) == [48, 24, 16]
+    assert overall[["loss", "top1", "top3", "balanced_accuracy"]].notna().all().all()
+    val = overall.set_index("split").loc["val"]
+    assert value == pytest.approx(val["balanced_accuracy"])
+    # balanced accuracy is the mean per-label recall of the table
+    val_rows = per_label[per_label["split"] == "val"]
+    assert val["balanced_accuracy"] == pytest.approx(val_rows["recall"].mean())
+
+    for split, n in zip(SPLITS, [48, 24, 16], strict=True):
+        predictions = tables[f"predictions_{split}"]
+        assert list(predictions.columns) == ["path", "label", "prediction", *LABELS]
+        assert len(predictions) == n and predictions["path"].is_unique
+        assert ((predictions[LABELS].sum(axis=1) - 1).abs() < 1e-4).all()
+        assert (data_dir / "crops" / predictions["path"].iloc[0]).is_file()
+        confusion = pd.read_csv(output / "metrics" / f"confusion_{split}.csv", index_col=0)
+        assert list(confusion.index) == LABELS and list(confusion.columns) == LABELS
+        assert confusion.to_numpy().sum() == n
+        # the confusion matrix counts exactly the predictions in the predictions file
+        crosstab = pd.crosstab(predictions["label"], predictions["prediction"])
+        for true_label in crosstab.index:
+            for predicted in crosstab.columns:
+                assert confusion.loc[true_label, predicted] == crosstab.loc[true_label, predicted]
+        with Image.open(output / "metrics" / f"confusion_{split}.png") as image:
+            assert image.format == "PNG"
+    assert not list((output / "metrics").glob(".*tmp-*"))
+
+
+def test_checkpoint_is_plain_and_loads_with_weights_only(fitted: tuple[Path, float | None]) -> None:
+    output, _ = fitted
+    raw = torch.load(output / "checkpoints" / "best.ckpt", weights_only=True)
+    hparams = raw["hyper_parameters"]
+    assert hparams["class_names"] == LABELS
+    assert hparams["model_name"] == "test_efficientnet"
+    assert hparams["data_config"]["input_size"] == [3, 64, 64]
+    assert (hparams["crop_strategy"], hparams["crop_max_size"]) == ("square", 64)
+    model = CropClassifier.from_checkpoint(output / "checkpoints" / "best.ckpt")
+    assert model.class_names == LABELS
+
+
+def test_evaluating_a_checkpoint_writes_the_same_tables(
+    fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path
+) -> None:
+    output, value = fitted
+    best = output / "checkpoints" / "best.ckpt"
+    evaluated = run_train(data_dir, tmp_path, "train=false", f"ckpt_path={best}", "model=effnet_b3")
+    assert evaluated == pytest.approx(value)
+    assert not (tmp_path / "checkpoints").exists()
+    first, second = read_metrics(output), read_metrics(tmp_path)
+    for name in ("per_label", "predictions_val", "predictions_test"):
+        pd.testing.assert_frame_equal(first[name], second[name], rtol=1e-4)
+    pd.testing.assert_frame_equal(first["overall"], second["overall"], rtol=1e-4)
+
+
+def test_last_checkpoint_is_written_every_epoch_even_without_improvement(data_dir: Path, tmp_path: Path) -> None:
+    # Nothing can learn (frozen backbone in eval mode, head at lr 0): the monitored metric never improves after epoch 0.
+    run_train(data_dir, tmp_path, "optimizer.lr=0.0", "model.finetune_epochs=10", "trainer.max_epochs=3")
+    checkpoints = tmp_path / "checkpoints"
+    assert torch.load(checkpoints / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2  # resume continues from here
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_resume_from_last_checkpoint(fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path) -> None:
+    output, _ = fitted
+    last = output / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    run_train(data_dir, tmp_path, f"ckpt_path={last}", "trainer.max_epochs=3")
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert resumed["global_step"] == 3 * 6  # 6 steps per epoch, continued from step 12
+    logged = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    trained_epochs = set(logged.dropna(subset=["train/loss"])["epoch"].astype(int))
+    assert 0 not in trained_epochs and 2 in trained_epochs
+    assert (tmp_path / "metrics" / "per_label.csv").is_file()
+
+
+def test_same_seed_gives_the_same_run(fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path) -> None:
+    output, value = fitted
+    again = run_train(data_dir, tmp_path)
+    assert again == value
+    pd.testing.assert_frame_equal(
+        read_metrics(output)["predictions_val"], read_metrics(tmp_path)["predictions_val"], rtol=1e-5
+    )
+
+
+def test_empty_test_split_skips_the_test_rows(tmp_path: Path) -> None:
+    data = make_prepared_dataset(tmp_path / "data", split_locations=(3, 1, 0), per_label=4, size=32)
+    output = tmp_path / "run"
+    value = run_train(data, output, "data.image_size=32")
+    assert value is not None
+    per_label = pd.read_csv(output / "metrics" / "per_label.csv")
+    assert set(per_label["split"]) == {"train", "val"}
+    assert list(pd.read_csv(output / "metrics" / "overall.csv")["split"]) == ["train", "val"]
+    assert not (output / "metrics" / "predictions_test.csv").exists()
+
+
+def test_wandb_offline_gets_the_tables(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run_train(data_dir, tmp_path, "logger=wandb", "trainer.max_epochs=1")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media" / "table"
+    for split in SPLITS:
+        tables = list((media / split).glob("per_label_*.table.json"))
+        assert tables, f"no wandb per_label table for {split}"
+        payload: dict[str, Any] = json.loads(tables[0].read_text())
+        assert payload["columns"] == list(PER_LABEL_COLUMNS)
+        assert len(payload["data"]) == len(LABELS)
+        assert list((media / split).glob("confusion_matrix*.table.json"))
+    assert list(media.glob("overall_*.table.json"))
+    assert (tmp_path / "metrics" / "per_label.csv").is_file()
+    import wandb
+
+    assert wandb.run is None  # train() finished the run
+
+
+def test_train_false_needs_a_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ckpt_path"):
+        run_train(data_dir, tmp_path, "train=false")
+
+
+def test_checkpoint_of_other_labels_is_refused(fitted: tuple[Path, float | None], tmp_path: Path) -> None:
+    output, _ = fitted
+    other = make_prepared_dataset(tmp_path / "other", labels=["cat", "dog"], per_label=1, size=16)
+    with pytest.raises(ValueError, match="trained on labels"):
+        run_train(other, tmp_path / "run", "train=false", f"ckpt_path={output / 'checkpoints' / 'best.ckpt'}")
+
+
+def test_inconsistent_dataset_fails_before_training(tmp_path: Path) -> None:
+    data = make_prepared_dataset(tmp_path / "data", per_label=1, size=16)
+    (data / "label_index.json").write_text(json.dumps({"0": "bird", "1": "fox"}))
+    with pytest.raises(DatasetError, match="skunk"):
+        run_train(data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_setting_is_reported_without_traceback(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InstantiationException) as info:
+        run_train(data_dir, tmp_path, "data.batch_size=0")
+    message = user_error(info.value)
+    assert message is not None and "data.batch_size" in message
+    assert user_error(ValueError("a bug raised elsewhere")) is None
+
+
+def test_command_line_error_exits_nonzero_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "train.py", f"data_dir={tmp_path / 'missing'}", "model=tiny", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: data_dir" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_precision_resolution() -> None:
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("16-mixed", "gpu") == "16-mixed"
+    expected = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    assert resolve_precision("auto", "auto") == expected
+
+
+def test_crop_rule_from_prepare_info(tmp_path: Path) -> None:
+    # No silent default: a dataset without its crop rule cannot tell classify how to cut crops.
+    with pytest.raises(DatasetError, match=r"prepare_info\.json does not exist"):
+        read_crop_rule(tmp_path)
+    (tmp_path / "prepare_info.json").write_text(json.dumps({"crops": {"strategy": "pad", "max_size": 512}}))
+    assert read_crop_rule(tmp_path) == CropRule("pad", 512)
+    (tmp_path / "prepare_info.json").write_text(json.dumps({"crops": {"strategy": "pad", "max_size": "big"}}))
+    with pytest.raises(DatasetError, match=r"crops\.max_size"):
+        read_crop_rule(tmp_path)
