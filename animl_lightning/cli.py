@@ -127,7 +127,8 @@ def instantiate_named(section: DictConfig | None, group: str) -> list[Any]:
         if entry is None:
             continue
         if not isinstance(entry, DictConfig) or "_target_" not in entry:
-            raise ConfigError(f"{group}.{str(key)}: expected a config with a _target_, got {entry!r}")
+            name = str(key)
+            raise ConfigError(f"{group}.{name}: expected a config with a _target_, got {entry!r}")
         objects.append(instantiate(entry))
     return objects
 

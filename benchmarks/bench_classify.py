@@ -95,7 +95,7 @@ def main() -> None:
         results = make_images(root / "images", args.images, args.detections_per_image)
         ckpt = root / "b3.ckpt"
         save_checkpoint(ckpt)
-        input_size = load_classifier(ckpt, device="cpu").preprocess.input_size
+        input_size = load_classifier(ckpt, device="cpu").transform.input_size
         runs = [
             measure(ckpt, results, root / "images", "cpu", 1, 0),  # the old run_classifier.py default
             measure(ckpt, results, root / "images", "cpu", 32, args.workers),

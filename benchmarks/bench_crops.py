@@ -240,7 +240,7 @@ def run_stage(boxes: pd.DataFrame, images: Path, out: Path, workers: int, qualit
 # Stage functions whose cumulative time makes up the breakdown; each runs once per image or once per crop.
 BREAKDOWN_STEPS = {
     "decode": "decode_image",  # read, header and EXIF, libjpeg-turbo decode at the needed DCT scale
-    "resample": "_render_pixels",  # cut the window, shrink to max_size (OpenCV), pad
+    "resample": "render",  # cut the window, shrink to max_size (OpenCV), pad
     "encode": "encode_crop",  # libjpeg-turbo encode
     "write": "_save_crop",  # temporary file and rename
 }

@@ -24,7 +24,6 @@ images that failed with :data:`FAILURE_PREFIX` are tried again.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -39,7 +38,14 @@ from numpy.typing import NDArray
 
 from animl_lightning.core.cct import CctError, load_cct
 from animl_lightning.core.errors import AnimlError, ConfigError
-from animl_lightning.core.files import UnsafePathError, atomic_write, atomic_write_json, check_writable, safe_join
+from animl_lightning.core.files import (
+    UnsafePathError,
+    atomic_write,
+    atomic_write_json,
+    check_writable,
+    read_json_file,
+    safe_join,
+)
 from animl_lightning.core.imaging import image_display_size
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.megadetector import DetectionsError, read_results_strict
@@ -466,10 +472,10 @@ def _load_previous(
     if not output_file.is_file():
         return None, None
     try:
-        previous = json.loads(output_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        previous = read_json_file(output_file, ClassifyInputError)
+    except ClassifyInputError as error:
         raise ClassifyInputError(
-            f"output_file: {output_file} exists but is not valid JSON ({error}); delete it or set resume=false"
+            f"output_file: {error}; it exists but cannot be resumed: delete it or set resume=false"
         ) from error
     expected = {str(i): name for i, name in enumerate(loaded.class_names)}
     if not isinstance(previous, dict) or previous.get("classification_categories") != expected:

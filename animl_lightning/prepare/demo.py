@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, safe_join
+from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, read_json_file, safe_join
 from animl_lightning.prepare.config import DemoSettings
 
 log = logging.getLogger(__name__)
@@ -115,10 +115,10 @@ def generate_demo_project(root: Path, settings: DemoSettings) -> tuple[Path, Pat
 
 def _is_current(marker: Path, wanted: dict[str, Any], coco_file: Path, images_dir: Path) -> bool:
     try:
-        if json.loads(marker.read_text(encoding="utf-8")) != wanted:
+        if read_json_file(marker) != wanted:
             return False
-        cct = json.loads(coco_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cct = read_json_file(coco_file)
+    except AnimlError:
         return False
     images = cct.get("images", []) if isinstance(cct, dict) else []
     return bool(images) and all(safe_join(images_dir, img["file_name"]).is_file() for img in images)

@@ -27,7 +27,6 @@ names ``"Fox"`` and ``"fox"`` with different labels, and the data has ``"FOX"``)
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from animl_lightning.core.errors import AnimlError, DataError
+from animl_lightning.core.files import read_json_file
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import LabelSettings
 
@@ -165,15 +165,7 @@ def load_label_spec(path: str | Path) -> LabelSpec:
         LabelSpecError: the file is missing, is not JSON, or a label's spec is wrong (the message names the file,
             the label and the key).
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise LabelSpecError(f"{path}: cannot read label spec: {err}") from err
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LabelSpecError(f"{path}: not valid JSON: {err}") from err
+    raw = read_json_file(path, LabelSpecError)
     return LabelSpec.from_dict(raw, source=str(path))
 
 

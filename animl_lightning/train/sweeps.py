@@ -14,7 +14,6 @@ column per swept key (``optimizer.lr``, ``model``, ...) holding the override's v
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from animl_lightning.core.files import atomic_write, atomic_write_json
+from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.files import atomic_write, atomic_write_json, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def write_failed_run(output_dir: str | Path, error: str) -> Path:
 def read_run_results(output_dir: str | Path) -> dict[str, Any] | None:
     """The ``results.json`` of a run, or None when the run wrote none (failed, or not a train run)."""
     path = Path(output_dir) / RESULTS_FILENAME
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_file():
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        log.warning("%s: cannot read run results: %s", path, err)
+    try:
+        payload = read_json_file(path)
+    except AnimlError as err:
+        log.warning("cannot read run results: %s", err)
         return None
     return payload if isinstance(payload, dict) else None
 
@@ -132,9 +132,9 @@ def read_sweep_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(Path(sweep_dir).rglob(ROW_FILENAME)):
         try:
-            row = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            log.warning("%s: skipping unreadable sweep row: %s", path, err)
+            row = read_json_file(path)
+        except AnimlError as err:
+            log.warning("skipping unreadable sweep row: %s", err)
             continue
         if isinstance(row, dict) and "job" in row:
             rows.append(row)

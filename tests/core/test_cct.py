@@ -23,6 +23,7 @@ from animl_lightning.core.cct import (
     load_cct,
 )
 from animl_lightning.core.issues import Issue, PrepareReport
+from tests.fixtures.files import write_json
 
 CATEGORIES = [{"id": 0, "name": "empty"}, {"id": 1, "name": "fox"}, {"id": 2, "name": "skunk"}]
 
@@ -48,12 +49,6 @@ def _annotation(
     return record
 
 
-def _write(tmp_path: Path, data: Any, name: str = "export.json") -> Path:
-    path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else json.dumps(data))
-    return path
-
-
 def _load(
     tmp_path: Path, images: list[Any], annotations: list[Any], categories: list[Any] | None = None, **kw: Any
 ) -> tuple[CctProject, PrepareReport]:
@@ -64,7 +59,7 @@ def _load(
         "categories": categories or CATEGORIES,
     }
     report = PrepareReport()
-    return load_cct(_write(tmp_path, data), report, **kw), report
+    return load_cct(write_json(tmp_path / "export.json", data), report, **kw), report
 
 
 def _only(report: PrepareReport, kind: str) -> Issue:
@@ -88,7 +83,7 @@ def _only(report: PrepareReport, kind: str) -> Issue:
     ],
 )
 def test_unusable_files_raise_naming_the_file(tmp_path: Path, text: str, match: str) -> None:
-    path = _write(tmp_path, text)
+    path = write_json(tmp_path / "export.json", text)
     with pytest.raises(CctError, match=match) as err:
         load_cct(path, PrepareReport())
     assert str(path) in str(err.value)
@@ -252,7 +247,7 @@ def test_nan_box_written_by_python_is_dropped(tmp_path: Path) -> None:
     )
     assert "NaN" in text
     report = PrepareReport()
-    project = load_cct(_write(tmp_path, text), report)
+    project = load_cct(write_json(tmp_path / "export.json", text), report)
     assert project.annotations.empty
     assert _only(report, "invalid_bbox").record == "x"
 

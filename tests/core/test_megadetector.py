@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,7 @@ from animl_lightning.core.megadetector import (
     load_detections,
     read_results_strict,
 )
-
-
-def _write(tmp_path: Path, data: Any) -> Path:
-    path = tmp_path / "md.json"
-    if isinstance(data, bytes):
-        path.write_bytes(data)
-    else:
-        path.write_text(data if isinstance(data, str) else json.dumps(data))
-    return path
+from tests.fixtures.files import write_json
 
 
 def _results(images: list[Any], **info: Any) -> dict[str, Any]:
@@ -52,7 +43,7 @@ def test_reads_a_results_file(tmp_path: Path) -> None:
         ]
     )
     report = PrepareReport()
-    results = load_detections(_write(tmp_path, data), report)
+    results = load_detections(write_json(tmp_path / "md.json", data), report)
     assert results.detector == "md_v5a.0.0.pt" and results.format_version == "1.3"
     assert results.detection_categories == STANDARD_CATEGORIES
     assert results.images["cam/a.jpg"][0] == Detection("1", 0.93, (0.1, 0.2, 0.3, 0.25), 0)
@@ -65,7 +56,7 @@ def test_reads_a_results_file(tmp_path: Path) -> None:
 
 def test_numeric_format_version_from_old_cct_to_md_is_accepted(tmp_path: Path) -> None:
     data = _results([{"file": "a.jpg", "detections": []}], format_version=1.2, detector="cct_to_md")
-    results = load_detections(_write(tmp_path, data), PrepareReport())
+    results = load_detections(write_json(tmp_path / "md.json", data), PrepareReport())
     assert results.format_version == "1.2" and results.detector == "cct_to_md"
 
 
@@ -84,7 +75,7 @@ def test_numeric_format_version_from_old_cct_to_md_is_accepted(tmp_path: Path) -
     ],
 )
 def test_unusable_files_raise(tmp_path: Path, text: str | bytes, match: str) -> None:
-    path = _write(tmp_path, text)
+    path = write_json(tmp_path / "md.json", text)
     for read in (lambda: load_detections(path, PrepareReport()), lambda: read_results_strict(path)):
         with pytest.raises(DetectionsError, match=match) as err:
             read()
@@ -117,7 +108,7 @@ def test_bad_detections_are_reported_and_keep_their_index(tmp_path: Path, detect
     good = {"category": "1", "conf": 0.9, "bbox": [0.5, 0.5, 0.1, 0.1]}
     data = _results([{"file": "cam/a.jpg", "detections": [detection, good]}])
     report = PrepareReport()
-    results = load_detections(_write(tmp_path, data), report)
+    results = load_detections(write_json(tmp_path / "md.json", data), report)
     assert [d.index for d in results.images["cam/a.jpg"]] == [1]  # the good one keeps its original position
     [issue] = report.issues
     kind = "degenerate_box" if detection == NEGATIVE_WIDTH else "invalid_detection"
@@ -138,7 +129,7 @@ def test_bad_image_entries_are_reported(tmp_path: Path) -> None:
     )
     del data["detection_categories"]
     report = PrepareReport()
-    results = load_detections(_write(tmp_path, data), report)
+    results = load_detections(write_json(tmp_path / "md.json", data), report)
     assert results.images == {"a.jpg": []}
     assert results.detection_categories == STANDARD_CATEGORIES
     kinds = [(i.kind, i.record, i.field) for i in report.issues]
@@ -162,8 +153,8 @@ def test_bad_image_entries_are_reported(tmp_path: Path) -> None:
 )
 def test_lenient_and_strict_readers_find_the_same_problem(tmp_path: Path, detection: Any) -> None:
     good = {"category": "1", "conf": 0.9, "bbox": [0.5, 0.5, 0.1, 0.1]}
-    path = _write(
-        tmp_path,
+    path = write_json(
+        tmp_path / "md.json",
         _results([{"file": "cam/ok.jpg", "detections": []}, {"file": "cam/a.jpg", "detections": [good, detection]}]),
     )
     report = PrepareReport()
@@ -178,7 +169,7 @@ def test_lenient_and_strict_readers_find_the_same_problem(tmp_path: Path, detect
 
 def test_strict_reader_leaves_a_zero_size_box_to_the_caller(tmp_path: Path) -> None:
     flat = {"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.2, 0.0]}
-    path = _write(tmp_path, _results([{"file": "cam/a.jpg", "detections": [flat]}]))
+    path = write_json(tmp_path / "md.json", _results([{"file": "cam/a.jpg", "detections": [flat]}]))
     report = PrepareReport()
     load_detections(path, report)
     assert [(i.kind, i.field) for i in report.issues] == [("degenerate_box", "bbox")]
@@ -199,7 +190,7 @@ def test_strict_reader_keeps_every_field(tmp_path: Path) -> None:
         detection_completion_time="2024-01-01 00:00:00",
     )
     data["classification_categories"] = {"0": "fox"}
-    assert read_results_strict(_write(tmp_path, data)) == data
+    assert read_results_strict(write_json(tmp_path / "md.json", data)) == data
 
 
 @pytest.mark.parametrize(
@@ -228,7 +219,7 @@ def test_strict_reader_names_record_and_field(tmp_path: Path, change: Any, messa
         [{"file": "cam/a.jpg", "detections": [{"category": "1", "conf": 0.9, "bbox": [0.1, 0.1, 0.2, 0.2]}]}]
     )
     change(data)
-    path = _write(tmp_path, data)
+    path = write_json(tmp_path / "md.json", data)
     with pytest.raises(DetectionsError, match=message) as err:
         read_results_strict(path)
     assert str(err.value).startswith(f"{path}: ")

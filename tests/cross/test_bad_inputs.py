@@ -49,6 +49,8 @@ from animl_lightning.prepare.config import (
 )
 from animl_lightning.prepare.crop_stage import make_crops
 from animl_lightning.prepare.labels import LabelSpecError, load_label_spec
+from tests.fixtures.cct import two_image_cct
+from tests.fixtures.files import jpeg_bytes
 
 Builder = Callable[[Path, PrepareReport], Any]
 
@@ -81,43 +83,11 @@ class Works:
 # --- CCT builders -------------------------------------------------------------------------------------------------
 
 
-def base_cct() -> dict[str, Any]:
-    """A valid two-image CCT file (ids as Animl writes them)."""
-    return {
-        "info": {"version": "1.0"},
-        "images": [
-            {
-                "id": "img1",
-                "file_name": "cam/a.jpg",
-                "location": "loc1",
-                "datetime": "2021-06-01 10:00:00",
-                "width": 640,
-                "height": 480,
-                "serving_bucket_key": "serving/a.jpg",
-            },
-            {
-                "id": "img2",
-                "file_name": "cam/b.jpg",
-                "location": "loc2",
-                "datetime": "2021-06-02 10:00:00",
-                "width": 640,
-                "height": 480,
-                "serving_bucket_key": "serving/b.jpg",
-            },
-        ],
-        "annotations": [
-            {"id": "ann1", "image_id": "img1", "category_id": 1, "bbox": [10, 20, 100, 80]},
-            {"id": "ann2", "image_id": "img2", "category_id": 2, "bbox": [50, 60, 40, 30]},
-        ],
-        "categories": [{"id": 1, "name": "fox"}, {"id": 2, "name": "skunk"}],
-    }
-
-
 def cct_case(mutate: Callable[[dict[str, Any]], None]) -> Builder:
     """Write the base CCT file changed by ``mutate`` and load it."""
 
     def build(tmp: Path, report: PrepareReport) -> Any:
-        data = base_cct()
+        data = two_image_cct()
         mutate(data)
         path = tmp / "cct.json"
         path.write_text(json.dumps(data), encoding="utf-8")
@@ -169,7 +139,7 @@ def append(section: str, record: Any) -> Callable[[dict[str, Any]], None]:
 
 
 _DELETE = object()
-VALID_JSON = json.dumps(base_cct()).encode()
+VALID_JSON = json.dumps(two_image_cct()).encode()
 
 
 def cct_round_trip_check(file_name: str) -> Callable[[Any, Path, PrepareReport], None]:
@@ -238,12 +208,6 @@ def md_failure_kept(result: Any, tmp: Path, report: PrepareReport) -> None:
 
 
 # --- image files and the crops stage -------------------------------------------------------------------------------
-
-
-def jpeg_bytes(image: Image.Image, **save: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90, **save)
-    return buffer.getvalue()
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -530,12 +494,12 @@ CASES: list[tuple[str, Builder, Raises | Reported | Works]] = [
     ),
     (
         "image-duplicate-id",
-        cct_case(append("images", {**base_cct()["images"][0], "file_name": "cam/c.jpg"})),
+        cct_case(append("images", {**two_image_cct()["images"][0], "file_name": "cam/c.jpg"})),
         Reported("ingest", "duplicate_id", "img1", "id"),
     ),
     (
         "image-duplicate-file_name",
-        cct_case(append("images", {**base_cct()["images"][0], "id": "img3"})),
+        cct_case(append("images", {**two_image_cct()["images"][0], "id": "img3"})),
         Reported("ingest", "duplicate_file_name", "img3", "file_name"),
     ),
     # ---- CCT annotations
@@ -566,7 +530,7 @@ CASES: list[tuple[str, Builder, Raises | Reported | Works]] = [
     ),
     (
         "annotation-duplicate-id",
-        cct_case(append("annotations", {**base_cct()["annotations"][1], "id": "ann1"})),
+        cct_case(append("annotations", {**two_image_cct()["annotations"][1], "id": "ann1"})),
         Reported("ingest", "duplicate_id", "ann1", "id"),
     ),
     (

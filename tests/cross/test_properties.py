@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from animl_lightning.core.crop_rule import crop_image, crop_window, output_size
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import SplitSettings
 from animl_lightning.prepare.splits import make_splits, split_random, split_smallest_first
+from tests.fixtures.files import write_json
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -90,13 +90,6 @@ def annotation_records() -> st.SearchStrategy[dict[str, Any]]:
     )
 
 
-def _write(tmp: Path, data: Any) -> Path:
-    path = tmp / "cct.json"
-    # allow_nan: Python writers emit NaN, and the parser accepts and reports it
-    path.write_text(json.dumps(data, allow_nan=True), encoding="utf-8")
-    return path
-
-
 @FAST
 @given(
     images=st.lists(st.one_of(image_records(), json_values), max_size=6),
@@ -111,9 +104,8 @@ def test_cct_parser_never_crashes(
 ) -> None:
     report = PrepareReport()
     try:
-        project = load_cct(
-            _write(tmp_path, {"images": images, "annotations": annotations, "categories": categories}), report
-        )
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        project = load_cct(write_json(tmp_path / "cct.json", data, allow_nan=True), report)
     except CctError as err:
         assert "cct.json" in str(err)
         return
@@ -179,7 +171,7 @@ def valid_projects(draw: st.DrawFn) -> dict[str, Any]:
 @given(valid_projects())
 def test_valid_cct_round_trips(tmp_path: Path, data: dict[str, Any]) -> None:
     report = PrepareReport()
-    project = load_cct(_write(tmp_path, data), report)
+    project = load_cct(write_json(tmp_path / "cct.json", data, allow_nan=True), report)
     assert not report.issues, report.issues
     images = project.images.set_index("image_id")
     assert list(images.index) == [i["id"] for i in data["images"]]

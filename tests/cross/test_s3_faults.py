@@ -8,7 +8,6 @@ and the other images still arrive. Credentials never appear in logs, the report,
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -21,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 import animl_lightning.prepare.images as images_module
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import S3Settings
 from animl_lightning.prepare.images import RetryPolicy, ensure_images
+from tests.fixtures.cct import keyed_images_cct
 from tests.fixtures.fault_proxy import FaultProxy, FaultRule, fault_proxy, moto_server
+from tests.fixtures.files import noise_jpeg, write_json
 from tests.fixtures.hydra import REPO_ROOT
 from tests.fixtures.s3 import aws_environment
 
@@ -63,14 +62,6 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> None:
 def proxy(endpoint: str) -> Iterator[FaultProxy]:
     with fault_proxy(endpoint) as started:
         yield started
-
-
-def jpeg(seed: int, size: tuple[int, int] = (48, 32)) -> bytes:
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode="RGB").save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def make_bucket(endpoint: str, objects: dict[str, bytes]) -> str:
@@ -148,7 +139,7 @@ def test_transient_faults_are_retried_until_the_download_succeeds(
     rule: FaultRule,
     overrides: dict[str, Any],
 ) -> None:
-    objects = {"serving/a.jpg": jpeg(1), "serving/b.jpg": jpeg(2)}
+    objects = {"serving/a.jpg": noise_jpeg(1), "serving/b.jpg": noise_jpeg(2)}
     bucket = make_bucket(endpoint, objects)
     proxy.add(rule)
     spy = SleepSpy()
@@ -177,7 +168,7 @@ def test_transient_faults_are_retried_until_the_download_succeeds(
 def test_permanently_failing_keys_are_reported_and_the_run_goes_on(
     aws: None, endpoint: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    objects = {f"serving/{name}.jpg": jpeg(i) for i, name in enumerate(["ok1", "denied", "broken", "ok2"])}
+    objects = {f"serving/{name}.jpg": noise_jpeg(i) for i, name in enumerate(["ok1", "denied", "broken", "ok2"])}
     bucket = make_bucket(endpoint, objects)
     proxy.add(FaultRule("serving/denied.jpg", "denied", count=None))
     proxy.add(FaultRule("serving/broken.jpg", "internal", count=None))
@@ -214,7 +205,7 @@ def test_permanently_failing_keys_are_reported_and_the_run_goes_on(
 
 
 def test_retry_time_is_bounded_by_the_budget(aws: None, endpoint: str, proxy: FaultProxy, tmp_path: Path) -> None:
-    bucket = make_bucket(endpoint, {"serving/slow.jpg": jpeg(5)})
+    bucket = make_bucket(endpoint, {"serving/slow.jpg": noise_jpeg(5)})
     proxy.add(FaultRule("serving/slow.jpg", "slowdown", count=None))
     report = PrepareReport()
     policy = RetryPolicy(attempts=100, base_delay=0.2, max_delay=0.2, budget_s=1.5)
@@ -232,7 +223,7 @@ def test_retry_time_is_bounded_by_the_budget(aws: None, endpoint: str, proxy: Fa
 def test_present_files_of_the_right_size_are_not_downloaded_again(
     aws: None, endpoint: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    objects = {"serving/a.jpg": jpeg(1), "serving/b.jpg": jpeg(2)}
+    objects = {"serving/a.jpg": noise_jpeg(1), "serving/b.jpg": noise_jpeg(2)}
     bucket = make_bucket(endpoint, objects)
     (tmp_path / "cam").mkdir()
     (tmp_path / "cam" / "a.jpg").write_bytes(objects["serving/a.jpg"])
@@ -256,7 +247,7 @@ def test_credentials_never_appear_in_logs_or_the_report(
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    objects = {"serving/ok.jpg": jpeg(1), "serving/denied.jpg": jpeg(2), "serving/flaky.jpg": jpeg(3)}
+    objects = {"serving/ok.jpg": noise_jpeg(1), "serving/denied.jpg": noise_jpeg(2), "serving/flaky.jpg": noise_jpeg(3)}
     bucket = make_bucket(endpoint, objects)
     proxy.add(FaultRule("serving/denied.jpg", "denied", count=None))
     proxy.add(FaultRule("serving/flaky.jpg", "reset", count=1))
@@ -275,35 +266,15 @@ def test_credentials_never_appear_in_logs_or_the_report(
     assert not _secrets_in(captured.out + captured.err)
 
 
-def _cct(path: Path, keys: list[str]) -> None:
-    images = [
-        {
-            "id": f"img{i}",
-            "file_name": f"cam/{Path(k).name}",
-            "location": f"loc{i % 4}",
-            "width": 48,
-            "height": 32,
-            "serving_bucket_key": k,
-        }
-        for i, k in enumerate(keys)
-    ]
-    annotations = [
-        {"id": f"ann{i}", "image_id": f"img{i}", "category_id": 1 + i % 2, "bbox": [4, 4, 20, 16]}
-        for i in range(len(keys))
-    ]
-    categories = [{"id": 1, "name": "fox"}, {"id": 2, "name": "skunk"}]
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-
-
 def test_prepare_command_line_keeps_credentials_out_of_output_and_logs(
     aws: None, endpoint: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
     keys = [f"serving/img{i}.jpg" for i in range(12)]
-    objects = {k: jpeg(i) for i, k in enumerate(keys)}
+    objects = {k: noise_jpeg(i) for i, k in enumerate(keys)}
     bucket = make_bucket(endpoint, objects)
     proxy.add(FaultRule("serving/img3.jpg", "denied", count=None))
     proxy.add(FaultRule("serving/img5.jpg", "slowdown", count=2, methods=("GET",)))
-    _cct(tmp_path / "export.json", [*keys, "serving/missing.jpg"])
+    write_json(tmp_path / "export.json", keyed_images_cct([*keys, "serving/missing.jpg"]))
     out = tmp_path / "out"
     result = subprocess.run(
         [
@@ -344,7 +315,7 @@ def test_prepare_command_line_keeps_credentials_out_of_output_and_logs(
 def test_s3_max_attempts_is_the_number_of_tries_per_object(
     aws: None, endpoint: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    bucket = make_bucket(endpoint, {"serving/down.jpg": jpeg(7)})
+    bucket = make_bucket(endpoint, {"serving/down.jpg": noise_jpeg(7)})
     proxy.add(FaultRule("serving/down.jpg", "internal", count=None))
     report = PrepareReport()
     ensure_images(

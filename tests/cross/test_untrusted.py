@@ -9,18 +9,15 @@ loopback S3 server, and every file written stays inside ``output_dir`` or ``imag
 from __future__ import annotations
 
 import ast
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import timm
 import torch
 import yaml
 from omegaconf import OmegaConf
-from PIL import Image
 
 import train as train_script
 from animl_lightning.core.contract import DatasetError, load_prepared_dataset
@@ -30,7 +27,9 @@ from animl_lightning.prepare.labels import LabelSpecError, load_label_spec
 from animl_lightning.prepare.pipeline import run_prepare
 from animl_lightning.train.checkpointing import CheckpointError
 from animl_lightning.train.classifier import CropClassifier, PretrainedFileError, load_pretrained_file
+from tests.fixtures.cct import write_cct
 from tests.fixtures.datasets import make_prepared_dataset
+from tests.fixtures.files import noise_jpeg
 from tests.fixtures.hydra import REPO_ROOT, compose_train
 from tests.fixtures.s3 import S3Server
 
@@ -179,14 +178,6 @@ def test_no_code_runs_from_data_anywhere_in_the_package() -> None:
 # --- path containment --------------------------------------------------------------------------------------------
 
 
-def _jpeg(seed: int, size: tuple[int, int] = (96, 64)) -> bytes:
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode="RGB").save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
 def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
@@ -195,9 +186,9 @@ def test_no_path_from_input_data_escapes_its_root(tmp_path: Path, s3_server: S3S
     work = tmp_path / "work"
     images_dir, output_dir = work / "images", work / "out"
     # bait files a path traversal would read or overwrite
-    (tmp_path / "secret.jpg").write_bytes(_jpeg(99))
+    (tmp_path / "secret.jpg").write_bytes(noise_jpeg(99, size=(96, 64), quality=85))
     (work / "secret.jpg").parent.mkdir(parents=True)
-    (work / "secret.jpg").write_bytes(_jpeg(98))
+    (work / "secret.jpg").write_bytes(noise_jpeg(98, size=(96, 64), quality=85))
     bait = {p: p.read_bytes() for p in (tmp_path / "secret.jpg", work / "secret.jpg")}
 
     hostile_names = ["../secret.jpg", "../../secret.jpg", str(tmp_path / "secret.jpg"), "cam/../../secret.jpg"]
@@ -217,7 +208,7 @@ def test_no_path_from_input_data_escapes_its_root(tmp_path: Path, s3_server: S3S
                 "serving_bucket_key": key,
             }
         )
-        objects[key] = _jpeg(i)
+        objects[key] = noise_jpeg(i, size=(96, 64), quality=85)
         # hostile annotation ids become part of crop file names
         annotations.append(
             {
@@ -251,16 +242,7 @@ def test_no_path_from_input_data_escapes_its_root(tmp_path: Path, s3_server: S3S
             }
         )
         annotations.append({"id": f"keyann{j}", "image_id": f"badkey{j}", "category_id": 1, "bbox": [1, 1, 20, 20]})
-    cct = work / "export.json"
-    cct.write_text(
-        json.dumps(
-            {
-                "images": images,
-                "annotations": annotations,
-                "categories": [{"id": 1, "name": "fox"}, {"id": 2, "name": "skunk"}],
-            }
-        )
-    )
+    cct = write_cct(work / "export.json", images, annotations)
 
     s3_server.create_bucket("hostile", objects)
     before = _files(tmp_path)
@@ -296,7 +278,7 @@ def test_no_path_from_input_data_escapes_its_root(tmp_path: Path, s3_server: S3S
 
 def test_dataset_paths_cannot_escape_the_crops_folder(tmp_path: Path) -> None:
     root = make_prepared_dataset(tmp_path / "data", per_label=2)
-    (tmp_path / "data" / "outside.jpg").write_bytes(_jpeg(1))
+    (tmp_path / "data" / "outside.jpg").write_bytes(noise_jpeg(1, size=(96, 64), quality=85))
     csv = root / "classification_ds.csv"
     lines = csv.read_text(encoding="utf-8").splitlines()
     first = lines[1].split(",")

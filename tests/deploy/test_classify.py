@@ -29,8 +29,9 @@ from animl_lightning.deploy.classify import (
     read_detections_file,
 )
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
+from tests.fixtures.files import write_jpeg
 from tests.fixtures.hydra import REPO_ROOT
-from tests.fixtures.models import CLASS_NAMES, write_checkpoint, write_jpeg, write_megadetector_file
+from tests.fixtures.models import CLASS_NAMES, write_checkpoint, write_megadetector_file
 
 REPO = REPO_ROOT
 SETTINGS = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=0, top_k=3)

@@ -14,6 +14,7 @@ from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.megadetector import DetectionResults, load_detections
 from animl_lightning.prepare.boxes import BOX_COLUMNS, collect_boxes, gt_crop_path, md_crop_path
 from animl_lightning.prepare.config import DetectionSettings
+from tests.fixtures.cct import write_cct
 
 CATEGORIES = [{"id": 0, "name": "empty"}, {"id": 1, "name": "fox"}, {"id": 2, "name": "skunk"}]
 
@@ -41,9 +42,7 @@ def _annotation(
 
 
 def _project(tmp_path: Path, images: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> CctProject:
-    path = tmp_path / "export.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
-    return load_cct(path, PrepareReport())
+    return load_cct(write_cct(tmp_path / "export.json", images, annotations, CATEGORIES), PrepareReport())
 
 
 def _detections(

@@ -11,30 +11,21 @@ from typing import Any
 import pandas as pd
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
-from PIL import Image
 
 from animl_lightning.core.cct import load_cct
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import S3Settings
 from animl_lightning.prepare.images import ImagesError, RetryPolicy, _with_retries, ensure_images, is_transient
+from tests.fixtures.cct import write_cct
+from tests.fixtures.files import solid_jpeg
 from tests.fixtures.s3 import S3Server
 
 BUCKET = "animl-images-serving-test"
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02, budget_s=5)
 
 
-def _jpeg(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
 def _project(tmp_path: Path, images: list[dict[str, Any]]) -> pd.DataFrame:
-    cct = {"info": {"version": "1.0"}, "images": images, "annotations": [], "categories": [{"id": 0, "name": "empty"}]}
-    path = tmp_path / "export.json"
-    path.write_text(json.dumps(cct))
+    path = write_cct(tmp_path / "export.json", images, categories=[{"id": 0, "name": "empty"}])
     return load_cct(path, PrepareReport()).images
 
 
@@ -45,7 +36,7 @@ def _settings(server: S3Server, **overrides: Any) -> S3Settings:
 
 
 def test_downloads_missing_images_and_reports_permanent_failures(tmp_path: Path, s3_server: S3Server) -> None:
-    a, b, e = _jpeg((64, 48), (255, 0, 0)), _jpeg((30, 20), (0, 255, 0)), _jpeg((16, 16), (0, 0, 255))
+    a, b, e = solid_jpeg((64, 48), (255, 0, 0)), solid_jpeg((30, 20), (0, 255, 0)), solid_jpeg((16, 16), (0, 0, 255))
     s3_server.create_bucket(BUCKET, {"pre/original/a.jpg": a, "pre/original/b.jpg": b, "pre/cam/e é.jpg": e})
     images = _project(
         tmp_path,
@@ -81,7 +72,7 @@ def test_downloads_missing_images_and_reports_permanent_failures(tmp_path: Path,
 def test_present_files_of_the_right_size_are_kept_and_wrong_sizes_redownloaded(
     tmp_path: Path, s3_server: S3Server
 ) -> None:
-    a, b = _jpeg((64, 48), (255, 0, 0)), _jpeg((64, 48), (0, 0, 255))
+    a, b = solid_jpeg((64, 48), (255, 0, 0)), solid_jpeg((64, 48), (0, 0, 255))
     s3_server.create_bucket(BUCKET, {"a.jpg": a, "b.jpg": b})
     images = _project(
         tmp_path,
@@ -133,7 +124,7 @@ def test_credentials_never_reach_logs_or_report(
 ) -> None:
     secret = "SECRETxSECRETxSECRET"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    s3_server.create_bucket(BUCKET, {"a.jpg": _jpeg((8, 8), (1, 2, 3))})
+    s3_server.create_bucket(BUCKET, {"a.jpg": solid_jpeg((8, 8), (1, 2, 3))})
     images = _project(tmp_path, [{"id": "a", "file_name": "a.jpg"}, {"id": "m", "file_name": "missing.jpg"}])
     report = PrepareReport()
     with caplog.at_level(logging.DEBUG, logger="animl_lightning"):
@@ -146,7 +137,7 @@ def test_credentials_never_reach_logs_or_report(
 def test_without_s3_missing_files_are_reported(tmp_path: Path) -> None:
     images_dir = tmp_path / "images"
     images_dir.mkdir()
-    (images_dir / "a.jpg").write_bytes(_jpeg((20, 10), (9, 9, 9)))
+    (images_dir / "a.jpg").write_bytes(solid_jpeg((20, 10), (9, 9, 9)))
     images = _project(tmp_path, [{"id": "a", "file_name": "a.jpg"}, {"id": "b", "file_name": "b.jpg"}])
     report = PrepareReport()
     result = ensure_images(images, images_dir, None, report)

@@ -19,7 +19,7 @@ from animl_lightning.train.galleries import (
     write_error_galleries,
 )
 from animl_lightning.train.tables import MetricTables, SplitEvaluation
-from tests.fixtures.models import write_jpeg
+from tests.fixtures.files import write_jpeg
 
 LABELS = ["cat", "dog", "fox/red"]
 

@@ -1,0 +1,131 @@
+"""The house rules, checked on the source: imports run one way, Hydra only at the edges, one error family."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import animl_lightning
+from animl_lightning.core import errors
+
+PACKAGE = Path(animl_lightning.__file__).resolve().parent
+PHASES = ("core", "prepare", "train", "deploy")
+# What each phase may import from the project (besides itself). deploy reads train's checkpoints.
+ALLOWED: dict[str, set[str]] = {
+    "core": set(),
+    "prepare": {"core"},
+    "train": {"core"},
+    "deploy": {"core", "train"},
+}
+# deploy may use train's checkpoint reading only: the reader and the classifier it rebuilds.
+DEPLOY_FROM_TRAIN = {"animl_lightning.train.checkpointing", "animl_lightning.train.classifier"}
+# The Hydra edge: the only package modules that import hydra or omegaconf.
+HYDRA_EDGE = {"cli.py", "hydra_callbacks.py", "classify.py", "export.py", "serve.py", "report.py"}
+
+
+def modules() -> Iterator[tuple[Path, ast.Module]]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def imported(tree: ast.Module) -> Iterator[str]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+
+
+def phase_of(path: Path) -> str | None:
+    relative = path.relative_to(PACKAGE).parts
+    return relative[0] if len(relative) > 1 and relative[0] in PHASES else None
+
+
+def test_every_module_is_in_a_phase_or_is_an_edge() -> None:
+    loose = sorted(p.name for p in PACKAGE.glob("*.py")) 
+    assert set(loose) <= HYDRA_EDGE | {"__init__.py"}, loose
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_imports_run_one_way(phase: str) -> None:
+    problems = []
+    for path, tree in modules():
+        if phase_of(path) != phase:
+            continue
+        for name in imported(tree):
+            if not name.startswith("animl_lightning."):
+                continue
+            target = name.split(".")[1]
+            if target == phase:
+                continue
+            beyond_reading = phase == "deploy" and target == "train" and name not in DEPLOY_FROM_TRAIN
+            if target not in ALLOWED[phase] or beyond_reading:
+                problems.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_cycle_between_modules() -> None:
+    graph: dict[str, set[str]] = {}
+    for path, tree in modules():
+        name = ".".join(("animl_lightning", *path.relative_to(PACKAGE).with_suffix("").parts))
+        graph[name] = {m for m in imported(tree) if m.startswith("animl_lightning.")}
+    done: set[str] = set()
+
+    def visit(node: str, trail: tuple[str, ...]) -> None:
+        if node in trail:
+            raise AssertionError("import cycle: " + " -> ".join((*trail[trail.index(node) :], node)))
+        if node in done:
+            return
+        for target in graph.get(node, ()):
+            visit(target, (*trail, node))
+        done.add(node)
+
+    for node in graph:
+        visit(node, ())
+
+
+def test_hydra_and_omegaconf_only_at_the_edges() -> None:
+    problems = []
+    for path, tree in modules():
+        if path.parent == PACKAGE and path.name in HYDRA_EDGE:
+            continue
+        for name in imported(tree):
+            if name.split(".")[0] in {"hydra", "omegaconf"}:
+                problems.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_project_error_is_an_animl_error() -> None:
+    """Each entry point catches one type; an error class outside the family would escape as a traceback."""
+    outside = []
+    for path, tree in modules():
+        for node in ast.walk(tree):
+            # Private exceptions (a leading underscore) are control flow inside one module and never escape it.
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and not node.name.startswith("_"):
+                bases = {ast.unparse(b) for b in node.bases}
+                module = ".".join(("animl_lightning", *path.relative_to(PACKAGE).with_suffix("").parts))
+                cls = getattr(__import__(module, fromlist=[node.name]), node.name)
+                if not issubclass(cls, errors.AnimlError):
+                    outside.append(f"{module}.{node.name} ({', '.join(sorted(bases))})")
+    assert not outside, outside
+
+
+def test_the_package_raises_no_bare_value_errors() -> None:
+    """A ValueError raised by our code would need traceback inspection to tell it from a bug."""
+    raised = []
+    for path, tree in modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                call = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(call, ast.Name) and call.id == "ValueError":
+                    raised.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not raised, raised
+
+
+def test_entry_scripts_are_thin() -> None:
+    root = PACKAGE.parent
+    assert len((root / "train.py").read_text(encoding="utf-8").splitlines()) <= 150
+    assert len((root / "prepare.py").read_text(encoding="utf-8").splitlines()) <= 150
