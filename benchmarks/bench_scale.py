@@ -143,7 +143,9 @@ def run_stages(cct_path: Path, trials: int) -> dict[str, Any]:
     """Time each stage on ``cct_path``; return timings, counts and peak RSS of this process."""
     import logging
 
+    from animl_lightning.core.cct import load_cct
     from animl_lightning.core.issues import PrepareReport
+    from animl_lightning.prepare.boxes import collect_boxes
     from animl_lightning.prepare.config import DetectionSettings, LabelSettings, SplitSettings
     from animl_lightning.prepare.dataset import build_dataset_frame
     from animl_lightning.prepare.labels import apply_labels
@@ -152,33 +154,15 @@ def run_stages(cct_path: Path, trials: int) -> dict[str, Any]:
     logging.basicConfig(level=logging.ERROR)
     report = PrepareReport()
     times: dict[str, float] = {}
-    notes: dict[str, str] = {}
     dataset = "bench"
 
     start = time.perf_counter()
-    try:
-        from animl_lightning.core.cct import load_cct
-    except ImportError:
-        load_cct = None  # type: ignore[assignment]
-    if load_cct is not None:
-        project = load_cct(cct_path, report)
-        images, annotations = project.images, project.annotations
-        notes["ingest"] = "animl_lightning.core.cct.load_cct"
-    else:
-        images, annotations = _plain_ingest(cct_path)
-        notes["ingest"] = "stand-in (json + pandas); animl_lightning.core.cct.load_cct not available"
+    project = load_cct(cct_path, report)
+    images, annotations = project.images, project.annotations
     times["ingest"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    boxes = None
-    try:
-        from animl_lightning.prepare.boxes import collect_boxes
-
-        boxes = collect_boxes(project, images.assign(available=True), None, DetectionSettings(), report)
-        notes["boxes"] = "animl_lightning.prepare.boxes.collect_boxes"
-    except (ImportError, TypeError, NameError) as err:
-        notes["boxes"] = f"vectorised stand-in ({type(err).__name__}: {err})"
-        boxes = boxes_stand_in(images, annotations)
+    boxes = collect_boxes(project, images.assign(available=True), None, DetectionSettings(), report)
     boxes = boxes.assign(crop_ok=True)  # no images: the crop stage is skipped
     times["boxes"] = time.perf_counter() - start
 
@@ -191,11 +175,12 @@ def run_stages(cct_path: Path, trials: int) -> dict[str, Any]:
     times["dataset"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    splits = make_splits(frame, SplitSettings(trials=trials), report)
+    result = make_splits(frame, SplitSettings(trials=trials), report)
+    splits = result.splits
     times["splits"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    table = split_report(frame, splits)
+    table = split_report(frame, splits, targets=result.diagnosis.targets)
     times["split_report"] = time.perf_counter() - start
 
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -203,7 +188,6 @@ def run_stages(cct_path: Path, trials: int) -> dict[str, Any]:
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "total_seconds": round(sum(times.values()), 3),
         "peak_rss_mb": round(peak_kb / 1024, 1),
-        "implementations": notes,
         "counts": {
             "images": len(images),
             "annotations": len(annotations),
@@ -212,25 +196,11 @@ def run_stages(cct_path: Path, trials: int) -> dict[str, Any]:
             "labels": int(frame["label"].nunique()),
             "locations": {name: len(pairs) for name, pairs in splits.items()},
             "split_report_rows": len(table),
-            "missing_label_split_pairs": report.info["splits"]["missing_label_split_pairs"],
+            "crop_shares": result.diagnosis.shares,
+            "split_warnings": result.diagnosis.warnings,
             "split_score": report.info["splits"]["score"],
         },
     }
-
-
-def _plain_ingest(path: Path) -> tuple[Any, Any]:
-    import pandas as pd
-
-    data = json.loads(path.read_text(encoding="utf-8"))
-    images = pd.DataFrame(data["images"]).rename(columns={"id": "image_id"})
-    images["location"] = images["location"].astype(str)
-    images["seq_id"] = ""
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    ann = pd.DataFrame(data["annotations"]).rename(columns={"id": "annotation_id"})
-    ann["category"] = ann["category_id"].map(names)
-    bbox = np.array(ann["bbox"].tolist(), dtype=float)
-    ann[["x", "y", "w", "h"]] = bbox
-    return images, ann.drop(columns=["bbox"])
 
 
 # --- main ----------------------------------------------------------------------------------------------------------

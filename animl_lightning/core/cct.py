@@ -260,8 +260,17 @@ def _parse_images(raw: list[Any], key_field: str, issues: _Issues) -> tuple[pd.D
         locations[loc_int] = [str(v) for v in locations[loc_int]]
     loc_none = _is(loc_types, _NONE_TYPE)
     loc_ok = _is(loc_types, str) | loc_int | loc_none
-    locations[loc_none] = UNKNOWN_LOCATION
-    locations[loc_ok & (locations == "")] = UNKNOWN_LOCATION
+    loc_blank = loc_none | (loc_ok & (locations == ""))
+    locations[loc_blank] = UNKNOWN_LOCATION
+    # Every image without a location lands in one group: the split treats them as one camera, which they may not be.
+    for i in np.flatnonzero(loc_blank):
+        issues.add(
+            "location_missing",
+            f"location is {recs[i].get('location')!r}; the image joins the {UNKNOWN_LOCATION!r} group",
+            records[i],
+            "location",
+            action="filled",
+        )
     problems.append(
         (~loc_ok, "invalid_field", "location", lambda i: f"location must be a string, got {recs[i].get('location')!r}")
     )

@@ -6,12 +6,17 @@ A prepared dataset is a folder holding:
     One row per crop. Required columns (in this order, as the old CameraTraps pipeline wrote them):
     ``path`` (crop path relative to ``crops/``), ``dataset``, ``location``, ``dataset_class`` (the original CCT
     category), ``confidence`` (1.0 for ground-truth boxes, the detector's score otherwise) and ``label`` (the output
-    label). Extra columns (``image_id``, ``annotation_id``, ``datetime``, ``seq_id``, ``source``) are allowed.
+    label). Further columns follow: ``image_id``, ``annotation_id``, ``datetime``, ``seq_id``, ``source``, then
+    ``sequence`` (the crop's burst: the CCT ``seq_id``, or found from the times, see
+    :mod:`animl_lightning.prepare.sequences`) and, only for a dataset split by another unit than the location
+    (``split.group_by``), ``split_group`` (the crop's group key).
 ``label_index.json``
     ``{"0": label, "1": label, ...}`` with labels sorted.
 ``splits.json``
     ``{"train": [[dataset, location], ...], "val": [...], "test": [...]}``; the three lists are pairwise disjoint.
-    ``test`` may be empty (``split.test_frac=0``) but the key is always written.
+    ``test`` may be empty (``split.test_frac=0``) but the key is always written. Split by another unit
+    (``split.group_by=sequence`` or ``location_time``), the pairs are ``[dataset, group key]`` in the same shape,
+    the group key being the crops' ``split_group`` value (a sequence key, or ``<location>@<time block>``).
 ``prepare_info.json``
     What prepare.py did: the crop rule (``crops.strategy``, ``crops.max_size``, ``crops.quality``), the settings,
     and a fingerprint per finished stage (the resume record). ``train.py`` reads the crop rule from it
@@ -62,7 +67,11 @@ STRING_COLUMNS: tuple[str, ...] = (
     "datetime",
     "seq_id",
     "source",
+    "sequence",
+    "split_group",
 )
+# The column a split's groups are keyed on when the split was not made by location (split.group_by).
+GROUP_COLUMN = "split_group"
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 LocationKey = tuple[str, str]
@@ -279,12 +288,13 @@ def load_prepared_dataset(root: str | Path, check_files: bool = True) -> Prepare
     for name, pairs in splits.items():
         for pair in pairs:
             location_to_split[pair] = name
-    keys = list(zip(frame["dataset"].astype(str), frame["location"].astype(str), strict=True))
+    group = GROUP_COLUMN if GROUP_COLUMN in frame.columns else "location"
+    keys = list(zip(frame["dataset"].astype(str), frame[group].astype(str), strict=True))
     split_col = [location_to_split.get(k) for k in keys]
     orphans = sorted({k for k, s in zip(keys, split_col, strict=True) if s is None})
     if orphans:
         problems.append(
-            f"{csv_path}: {len(orphans)} (dataset, location) pairs are in no split of "
+            f"{csv_path}: {len(orphans)} (dataset, {group}) pairs are in no split of "
             f"{root / SPLITS_FILENAME}, e.g. {[list(o) for o in orphans[:10]]}"
         )
 

@@ -16,6 +16,7 @@ from animl_lightning.core.crop_rule import CROP_STRATEGIES
 from animl_lightning.core.errors import ConfigError
 
 SPLIT_METHODS = ("random", "smallest_first")
+GROUP_UNITS = ("location", "sequence", "location_time")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -108,6 +109,8 @@ class LabelSettings:
     map: dict[str, str] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=lambda: ["empty"])
     seed: int = 123
+    case_sensitive: bool = False
+    taxonomy_file: str | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -129,6 +132,17 @@ class SplitSettings:
     jitter: float = 0.03
     min_locs: int | None = 3
     reuse: str | None = None
+    tolerance: float = 0.05
+    strict: bool = False
+    group_by: str = "location"
+    time_block: str | None = None
+
+    @property
+    def time_block_seconds(self) -> float | None:
+        """``time_block`` in seconds (``group_by=location_time``), else None."""
+        if self.time_block is None:
+            return None
+        return parse_duration_seconds(self.time_block, "split.time_block")
 
     def __post_init__(self) -> None:
         _require(
@@ -151,6 +165,41 @@ class SplitSettings:
             "split.min_locs",
             f"must be null or >= 1, got {self.min_locs}",
         )
+        _require(0.0 < self.tolerance < 0.5, "split.tolerance", f"must be in (0, 0.5), got {self.tolerance}")
+        _require(
+            self.group_by in GROUP_UNITS,
+            "split.group_by",
+            f"must be one of {list(GROUP_UNITS)}, got {self.group_by!r}",
+        )
+        _require(
+            (self.group_by == "location_time") == (self.time_block is not None),
+            "split.time_block",
+            "is needed with split.group_by=location_time (e.g. split.time_block=30d), and only with it",
+        )
+        if self.time_block is not None:
+            self.time_block_seconds  # noqa: B018 (validates the duration)
+
+
+def parse_duration_seconds(text: str, key: str) -> float:
+    """``30d``, ``12h``, ``90min``, ``2w``... in seconds (pandas' ``Timedelta`` grammar); ConfigError otherwise."""
+    import pandas as pd
+
+    try:
+        seconds = float(pd.Timedelta(str(text)).total_seconds())
+    except ValueError as err:
+        raise ConfigError(f"{key}: {text!r} is not a duration such as 30d, 12h or 90min") from err
+    _require(seconds > 0, key, f"must be a positive duration, got {text!r}")
+    return seconds
+
+
+@dataclass
+class SequenceSettings:
+    """How images are grouped into sequences (bursts) when the CCT has no ``seq_id`` (``sequences.*``)."""
+
+    max_gap_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        _require(self.max_gap_s >= 0, "sequences.max_gap_s", f"must be >= 0 seconds, got {self.max_gap_s}")
 
 
 @dataclass
@@ -158,8 +207,8 @@ class DemoSettings:
     """The generated demo project used when ``coco_file`` is not set (``demo.*``)."""
 
     seed: int = 7
-    locations: int = 8
-    images_per_location: int = 30
+    locations: int = 10
+    images_per_location: int = 24
     width: int = 640
     height: int = 480
 
@@ -191,6 +240,7 @@ class PrepareSettings:
     crops: CropSettings = field(default_factory=CropSettings)
     labels: LabelSettings = field(default_factory=LabelSettings)
     split: SplitSettings = field(default_factory=SplitSettings)
+    sequences: SequenceSettings = field(default_factory=SequenceSettings)
     demo: DemoSettings = field(default_factory=DemoSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     force: bool = False

@@ -22,12 +22,14 @@ from animl_lightning.core.contract import (
 )
 from animl_lightning.core.errors import AnimlError, DataError
 from animl_lightning.core.issues import PrepareReport
+from animl_lightning.prepare.config import SplitSettings
+from animl_lightning.prepare.sequences import sequence_keys, time_block_keys
 
 log = logging.getLogger(__name__)
 
 STAGE = "dataset"
 EXTRA_COLUMNS: tuple[str, ...] = ("image_id", "annotation_id", "datetime", "seq_id", "source")
-DATASET_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, *EXTRA_COLUMNS)
+DATASET_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, *EXTRA_COLUMNS, "sequence")
 _NEEDED = ("crop_path", "location", "dataset_class", "confidence", "label", "crop_ok")
 
 
@@ -35,7 +37,14 @@ class EmptyDatasetError(AnimlError, ValueError):
     """No crop is left to build a dataset from; the message says which step removed the last ones."""
 
 
-def build_dataset_frame(boxes: pd.DataFrame, dataset: str, min_locs: int | None, report: PrepareReport) -> pd.DataFrame:
+def build_dataset_frame(
+    boxes: pd.DataFrame,
+    dataset: str,
+    min_locs: int | None,
+    report: PrepareReport,
+    max_gap_s: float = 3.0,
+    split_unit: SplitSettings | None = None,
+) -> pd.DataFrame:
     """Build the ``classification_ds.csv`` frame from labelled boxes.
 
     Args:
@@ -45,9 +54,13 @@ def build_dataset_frame(boxes: pd.DataFrame, dataset: str, min_locs: int | None,
         dataset: the dataset name written to the ``dataset`` column.
         min_locs: drop labels seen at fewer distinct ``(dataset, location)`` pairs; ``None`` keeps every label.
         report: receives the counts and one issue per label dropped by ``min_locs``.
+        max_gap_s: ``sequences.max_gap_s``, for the ``sequence`` column (:mod:`animl_lightning.prepare.sequences`).
+        split_unit: ``split.*``; with ``group_by`` other than ``location`` a ``split_group`` column holds each crop's
+            group key (its sequence, or ``<location>@<time block>``).
 
     Returns:
-        The table, columns :data:`DATASET_COLUMNS`, sorted by ``path`` (ties by ``label``), one row per crop path.
+        The table, columns :data:`DATASET_COLUMNS` (and ``split_group``), sorted by ``path`` (ties by ``label``),
+        one row per crop path.
 
     Raises:
         ValueError: a needed column is missing.
@@ -102,6 +115,14 @@ def build_dataset_frame(boxes: pd.DataFrame, dataset: str, min_locs: int | None,
 
     if min_locs is not None:
         frame = _apply_min_locs(frame, dataset, min_locs, report)
+    frame["sequence"] = sequence_keys(frame, max_gap_s).to_numpy(dtype=object)
+    if split_unit is not None and split_unit.group_by == "sequence":
+        frame["split_group"] = frame["sequence"]
+    elif split_unit is not None and split_unit.group_by == "location_time":
+        seconds = split_unit.time_block_seconds
+        assert seconds is not None  # SplitSettings requires time_block with location_time
+        frame["split_group"] = time_block_keys(frame, seconds).to_numpy(dtype=object)
+    report.set_count(STAGE, "sequences", int(frame["sequence"].nunique()))
 
     report.set_count(STAGE, "rows", len(frame))
     report.set_count(STAGE, "labels", frame["label"].nunique())

@@ -249,6 +249,19 @@ def apply_labels(
             )
         resolved = resolve_categories(observed, spec.category_map(dataset), spec.source)
         source = spec.source
+        folded_observed = {name.casefold() for name in observed}
+        for key in sorted(spec.any_dataset):
+            if key.casefold() not in folded_observed:
+                report.add(
+                    STAGE,
+                    "map_key_unmatched",
+                    f"{spec.source} names category {key!r}, which no box of the export has (its categories with "
+                    f"boxes: {observed[:20]})",
+                    file=spec.source,
+                    record=key,
+                    field="labels.map",
+                    action="ignored",
+                )
 
     labels = classes.map(resolved)
     keep = labels.notna().to_numpy()
@@ -268,6 +281,8 @@ def apply_labels(
             action="dropped",
         )
     labelled = boxes.loc[keep].assign(label=labels[keep].astype(str))
+    if not settings.case_sensitive:
+        labelled = labelled.assign(label=fold_spellings(labelled["label"], report))
 
     if spec is not None:
         labelled = _apply_max_count(labelled, dataset, spec, settings.seed, report)
@@ -277,6 +292,35 @@ def apply_labels(
     for label, n in sorted(labelled["label"].value_counts().items()):
         report.set_count(STAGE, f"label:{label}", int(n))
     return labelled
+
+
+def fold_spellings(labels: pd.Series, report: PrepareReport) -> pd.Series:
+    """Labels that differ only in case or surrounding spaces become one: their most frequent spelling.
+
+    Ties go to the spelling that sorts first. Every fold is reported (stage ``labels``, kind ``label_folded``) with
+    the spellings and their box counts; ``labels.case_sensitive=true`` skips this.
+    """
+    counts = labels.value_counts()
+    keys = pd.Series(counts.index.astype(str), index=counts.index).str.strip().str.casefold()
+    chosen: dict[str, str] = {}
+    for key, spellings in keys.groupby(keys.to_numpy()).groups.items():
+        variants = sorted((str(s) for s in spellings), key=lambda s: (-int(counts[s]), s))
+        winner = variants[0].strip()
+        for variant in variants:
+            chosen[variant] = winner
+        if len(variants) > 1 or variants[0] != winner:
+            described = ", ".join(f"{v!r} ({int(counts[v])} boxes)" for v in variants)
+            what = "differ only in case or surrounding spaces" if len(variants) > 1 else "has surrounding spaces"
+            report.add(
+                STAGE,
+                "label_folded",
+                f"label{'s' if len(variants) > 1 else ''} {described} {what}: all become {winner!r} "
+                "(labels.case_sensitive=true keeps them apart)",
+                record=str(key),
+                field="label",
+                action="merged",
+            )
+    return labels.map(chosen).astype(str)
 
 
 def sample_with_priority(

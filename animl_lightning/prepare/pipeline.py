@@ -34,6 +34,7 @@ from animl_lightning.core.contract import (
     DatasetError,
     check_crop_files,
     read_prepare_info,
+    read_splits,
     write_prepare_info,
 )
 from animl_lightning.core.errors import AnimlError
@@ -47,7 +48,14 @@ from animl_lightning.prepare.dataset import build_dataset_frame, write_dataset_f
 from animl_lightning.prepare.demo import generate_demo_project
 from animl_lightning.prepare.images import ensure_images
 from animl_lightning.prepare.labels import apply_labels
-from animl_lightning.prepare.splits import make_splits, write_split_files
+from animl_lightning.prepare.splits import (
+    ALL_LABELS,
+    SplitDiagnosis,
+    format_shares,
+    make_splits,
+    review_splits,
+    write_split_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,7 @@ class PrepareSummary:
     dataset: str
     stages: list[StageResult] = field(default_factory=list)
     split_table: pd.DataFrame | None = None
+    split_diagnosis: SplitDiagnosis | None = None
     report: PrepareReport = field(default_factory=PrepareReport)
 
 
@@ -192,7 +201,9 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         result.detail = f"{labelled['label'].nunique()} labels"
 
     with stage("dataset") as result:
-        frame = build_dataset_frame(labelled, dataset, settings.split.min_locs, report)
+        frame = build_dataset_frame(
+            labelled, dataset, settings.split.min_locs, report, settings.sequences.max_gap_s, settings.split
+        )
         labels = write_dataset_files(frame, output_dir)
         result.detail = f"{len(frame)} crops, {len(labels)} labels"
         finish("dataset", _file_digest(output_dir / CSV_FILENAME))
@@ -204,11 +215,14 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         report_path = output_dir / SPLIT_REPORT_FILENAME
         if previous.get("splits") == splits_fp and splits_path.is_file() and report_path.is_file():
             table = pd.read_csv(report_path, dtype={"label": "string", "split": "string"})
+            diagnosis = review_splits(frame, read_splits(splits_path), settings.split, report)
             result.status = "skipped (current)"
         else:
-            splits = make_splits(frame, settings.split, report)
-            table = write_split_files(frame, splits, output_dir)
+            made = make_splits(frame, settings.split, report)
+            diagnosis = made.diagnosis
+            table = write_split_files(frame, made.splits, output_dir, settings.split.group_by, diagnosis.targets)
         summary.split_table = table
+        summary.split_diagnosis = diagnosis
         result.detail = f"{table['split'].nunique() if not table.empty else 0} splits"
         finish("splits", splits_fp)
 
@@ -235,7 +249,12 @@ def format_summary(summary: PrepareSummary) -> str:
         pivot = pivot.reindex(columns=[c for c in ("train", "val", "test") if c in pivot.columns])
         lines.append("")
         lines.append("crops per label and split:")
-        lines.append(pivot.to_string())
+        lines.append(pivot.rename(index={ALL_LABELS: "all labels"}).to_string())
+    if summary.split_diagnosis is not None:
+        lines.append("")
+        lines.append(format_shares(summary.split_diagnosis, table))
+        for warning in summary.split_diagnosis.warnings:
+            lines.append(f"WARNING: {warning}")
     lines.append("")
     lines.append(f"report: {summary.output_dir / REPORT_FILENAME}")
     return "\n".join(lines)

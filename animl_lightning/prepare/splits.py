@@ -1,51 +1,74 @@
-"""Location splits: whole ``(dataset, location)`` pairs go to train, val or test.
+"""Group splits: whole groups of crops (camera locations by default) go to train, val or test.
 
 Crops from one camera location look alike (same background, same light, often the same animal), so a location in
-both train and test would flatter the test figures. Every function here works on the location x label count matrix
-that :func:`location_label_counts` builds; an *assignment* is an ``int8`` array with one entry per location:
-``0`` = train, ``1`` = val, ``2`` = test.
+both train and test would flatter the test figures. ``split.group_by`` chooses the unit: ``location`` (the default,
+``(dataset, location)`` pairs), ``sequence`` (bursts, see :mod:`animl_lightning.prepare.sequences`) or
+``location_time`` (``split.time_block``-long blocks of time at each location). Anything but ``location`` lets a
+background appear in two splits, and says so.
+
+Every function here works on the group x label count matrix of :func:`group_label_counts`; an *assignment* is an
+``int8`` array with one entry per group: ``0`` = train, ``1`` = val, ``2`` = test.
+
+Targets are shares of **crops**. ``split.val_frac`` and ``split.test_frac`` are the shares of all crops that val and
+test should hold, and of each label's crops (the old CameraTraps score's meaning); train holds the rest.
+
+**Dominant groups.** A group holding more crops than the val target (``val_frac`` of all crops) never goes to val,
+and one holding more than the test target never goes to test: it could only overshoot. A group too large for every
+evaluation split goes to train. Real camera-trap data always has such groups (one camera with most of the images);
+the report names each with its share, and a label found only at such groups is named as one that cannot be
+evaluated on unseen locations.
+
+**The score** (lower is better) of an assignment, one sum with no lexicographic order::
+
+    overall   sum over splits s of (d_s / tol)^2, plus 10 + 10 (excess_s / tol)^2 for a split whose |d_s| > tol
+              (d_s = the split's share of all crops - its target; tol = split.tolerance; excess = |d_s| - tol)
+  + labels    mean over labels of sum over splits of (the label's share of its crops in s - target_s)^2
+  + coverage  0.25 per (label, split) pair without a crop that could have one, at most 5
+  + places    0.1 * mean over labels of sum over splits of (share of the label's groups in s - target_s)^2
+
+Inside the tolerance the overall term is at most 1 per split; outside it adds at least 10, more than the other three
+terms together can ever add (at most 1.1 + 5 + 0.1). So label coverage decides between partitions of similar
+overall shares (one more label in every split is worth moving a split by half the tolerance) but can never make the
+search accept a partition whose overall shares are off by more than the tolerance when one within it exists. When
+none can exist, because the groups that may go to val or test hold too few crops (a dominant camera), the overall
+term measures against the reachable targets instead (:func:`scoring_targets`: val and test shrunk in proportion), so
+that the search still keeps each label in train rather than piling every small group into val and test.
 
 Two methods (``split.method``):
 
 ``random`` (:func:`split_random`)
-    The old CameraTraps search (pipeline.md 3.4), seeded and vectorised: ``split.trials`` random shuffles of the
-    locations, each cut into train | val | test at sizes ``int(L * (frac + U(-jitter, jitter)))``; the trial with
-    the lowest score wins. Score (lower is better), summed over the splits in use::
-
-        2 * sum_labels (crops of label in split / crops of label - target_frac) ** 2
-          + sum_labels (locations with label in split / locations with label - target_frac) ** 2
-
-    plus, for val and test, the AML24 distribution term
-    ``2 * sum_labels (label share of the split's crops - label share of all crops) ** 2``.
-
-    **Coverage comes first.** Training and the per-label tables need every label in every split, so trials are
-    ranked by the number of (label, split) pairs without a crop first and by the score second: a trial that leaves
-    fewer labels out of a split always wins, whatever its score. Labels with fewer locations than splits cannot be
-    everywhere; :func:`coverage_problems` names them.
+    ``split.trials`` random partitions proposed by cumulative crop counts: the groups that may go to val or test are
+    shuffled, and the shortest prefix whose crops reach val's target (``val_frac`` +/- ``split.jitter``) goes to
+    val (or the one just short of it, whichever combination with the test cut lands closer to all targets), the
+    following ones to test likewise, the rest to train. A quarter of the trials use the exact targets. When the
+    groups that may go to val or test hold fewer crops than val and test should, both targets shrink in proportion,
+    and half the trials leave a random share of those crops in train too. The best-scoring trial wins.
 ``smallest_first`` (:func:`split_smallest_first`)
-    What the old, crashing method meant to do: labels from fewest crops to most; for each, its locations (those of
-    prioritised datasets first, then by the label's crop count ascending); every location not yet assigned goes to
-    test until test holds ``test_frac`` of the label's crops, then to val until val holds ``val_frac``, then train.
+    Labels from fewest crops to most; a label with crops at several groups and none in train yet first gives its
+    largest unassigned group to train; each other unassigned group of the label goes to test while the label's test
+    share is below target and test stays within its target plus the tolerance, then to val likewise, else to train.
+    Dominant groups go to train first.
 
-``split.test_frac=0`` gives no test split (every location is train or val; ``splits.json`` has ``"test": []``).
+``split.test_frac=0`` gives no test split (every group is train or val; ``splits.json`` has ``"test": []``).
 
-``split.reuse=PATH`` keeps the test locations of an earlier ``splits.json`` that still occur in the data fixed in
-test, so models trained on a grown dataset are compared on the same test set. Every other location, old or new, is
-split into train and val only (fractions renormalised to ``val_frac / (1 - test_frac)``); the test set is never
-enlarged, and test locations are excluded from the train/val search (the fix of pipeline.md bug 5). Earlier test
-locations that no longer occur are reported.
+``split.reuse=PATH`` keeps the test groups of an earlier ``splits.json`` that still occur in the data fixed in test,
+so models trained on a grown dataset are compared on the same test set. Every other group is split into train and
+val only (val's share renormalised to ``val_frac / (1 - test_frac)`` of them).
 
-Everything is deterministic: locations and labels are sorted as strings, randomness comes from
-generators spawned from ``numpy.random.SeedSequence(split.seed)`` only, and the draws do not depend on the batch
-size.
+After the split, :func:`diagnose` compares the achieved shares (overall and per label) with the targets; a share off
+by more than the tolerance is a warning that names the cause (dominant groups, too few groups), and with
+``split.strict=true`` an error. Everything is deterministic: groups and labels are sorted as strings, and randomness
+comes from generators spawned from ``numpy.random.SeedSequence(split.seed)`` only, drawn per trial, so the result
+does not depend on the batch size.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -58,7 +81,7 @@ from animl_lightning.core.contract import (
     read_splits,
     write_splits,
 )
-from animl_lightning.core.errors import DataError
+from animl_lightning.core.errors import AnimlError, ConfigError, DataError
 from animl_lightning.core.files import atomic_write
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import SplitSettings
@@ -67,46 +90,64 @@ log = logging.getLogger(__name__)
 
 STAGE = "splits"
 TRAIN, VAL, TEST = 0, 1, 2
-# Elements (trials x locations) per batch: bounds the search's memory at ~60 MB whatever the dataset size.
+# The score's weights (module docstring).
+OUT_OF_TOLERANCE = 10.0
+COVERAGE_PER_PAIR = 0.25
+COVERAGE_CAP = 5.0
+PLACES_WEIGHT = 0.1
+# Elements (trials x groups) per batch: bounds the search's memory at ~100 MB whatever the dataset size.
 _BATCH_ELEMENTS = 2_000_000
+# The label in split_report.csv of the rows that describe a split as a whole.
+ALL_LABELS = "*"
+
+
+class SplitTargetError(AnimlError, ValueError):
+    """``split.strict=true`` and an overall share is further than ``split.tolerance`` from its target."""
 
 
 # --- the count matrix --------------------------------------------------------------------------------------------
 
 
-def location_label_counts(frame: pd.DataFrame) -> tuple[list[LocationKey], list[str], np.ndarray]:
-    """Crops per ``(dataset, location)`` and label.
+def group_label_counts(
+    frame: pd.DataFrame, group_column: str = "location"
+) -> tuple[list[LocationKey], list[str], np.ndarray]:
+    """Crops per ``(dataset, group)`` and label.
 
     Args:
-        frame: rows with ``dataset``, ``location`` and ``label`` (one row per crop). Values are compared as strings,
-            so integer and string locations give the same result.
+        frame: rows with ``dataset``, ``group_column`` and ``label`` (one row per crop). Values are compared as
+            strings, so integer and string locations give the same result.
+        group_column: the column holding the group key (``location``, or the key of another grouping unit).
 
     Returns:
-        ``(locations, labels, counts)``: the sorted location pairs, the sorted labels, and an ``int64`` matrix of
-        shape ``(len(locations), len(labels))``.
+        ``(groups, labels, counts)``: the sorted ``(dataset, group)`` pairs, the sorted labels, and an ``int64``
+        matrix of shape ``(len(groups), len(labels))``.
     """
-    missing = [c for c in ("dataset", "location", "label") if c not in frame.columns]
+    missing = [c for c in ("dataset", group_column, "label") if c not in frame.columns]
     if missing:
-        raise DataError(f"location_label_counts: frame lacks columns {missing}")
+        raise DataError(f"group_label_counts: frame lacks columns {missing}")
     if frame.empty:
         return [], [], np.zeros((0, 0), dtype=np.int64)
     ds_codes, ds_values = pd.factorize(frame["dataset"].astype(str))
-    loc_codes, loc_values = pd.factorize(frame["location"].astype(str))
-    n_loc_values = len(loc_values)
-    combined = ds_codes.astype(np.int64) * n_loc_values + loc_codes
+    group_codes, group_values = pd.factorize(frame[group_column].astype(str))
+    n_group_values = len(group_values)
+    combined = ds_codes.astype(np.int64) * n_group_values + group_codes
     unique_combined, pair_of_row = np.unique(combined, return_inverse=True)
-    pairs = [(str(ds_values[u // n_loc_values]), str(loc_values[u % n_loc_values])) for u in unique_combined]
-    location_rank = _rank_of_sorted(pairs)
-    row_location = location_rank[pair_of_row]
+    pairs = [(str(ds_values[u // n_group_values]), str(group_values[u % n_group_values])) for u in unique_combined]
+    group_rank = _rank_of_sorted(pairs)
+    row_group = group_rank[pair_of_row]
 
     label_codes, label_values = pd.factorize(frame["label"].astype(str))
     label_list = [str(v) for v in label_values]
-    label_rank = _rank_of_sorted(label_list)
-    row_label = label_rank[label_codes]
+    row_label = _rank_of_sorted(label_list)[label_codes]
 
-    n_locations, n_labels = len(pairs), len(label_list)
-    flat = np.bincount(row_location * n_labels + row_label, minlength=n_locations * n_labels)
-    return sorted(pairs), sorted(label_list), flat.reshape(n_locations, n_labels).astype(np.int64)
+    n_groups, n_labels = len(pairs), len(label_list)
+    flat = np.bincount(row_group * n_labels + row_label, minlength=n_groups * n_labels)
+    return sorted(pairs), sorted(label_list), flat.reshape(n_groups, n_labels).astype(np.int64)
+
+
+def location_label_counts(frame: pd.DataFrame) -> tuple[list[LocationKey], list[str], np.ndarray]:
+    """:func:`group_label_counts` by location."""
+    return group_label_counts(frame, "location")
 
 
 def _rank_of_sorted(values: Sequence[object]) -> np.ndarray:
@@ -116,70 +157,144 @@ def _rank_of_sorted(values: Sequence[object]) -> np.ndarray:
     return rank
 
 
-# --- scoring -----------------------------------------------------------------------------------------------------
+# --- targets and admissibility -----------------------------------------------------------------------------------
 
 
 def split_targets(val_frac: float, test_frac: float) -> np.ndarray:
-    """Target fractions ``[train, val, test]``."""
+    """Target crop shares ``[train, val, test]``."""
     return np.array([1.0 - val_frac - test_frac, val_frac, test_frac], dtype=np.float64)
 
 
-def _score_sums(
-    sums: Sequence[np.ndarray],
-    crop_totals: np.ndarray,
-    location_totals: np.ndarray,
-    targets: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Score trials from their per-split sums.
+def admissible(counts: np.ndarray, val_frac: float, test_frac: float) -> np.ndarray:
+    """``(groups, 3)`` bool: may the group go to train, val, test? A group larger than a split's target may not.
 
-    Args:
-        sums: one ``(trials, 2 * labels)`` array per split in use, in split order: crops per label, then locations
-            with the label.
-        crop_totals: crops per label.
-        location_totals: locations per label.
-        targets: target fraction of each split in use.
-
-    Returns:
-        ``(missing, score)`` per trial: the number of (label, split) pairs without a crop, and the old score.
+    Train takes every group. With ``test_frac == 0`` no group may go to test.
     """
-    n_labels = len(crop_totals)
-    crop_totals = np.maximum(crop_totals.astype(np.float64), 1.0)
-    location_totals = np.maximum(location_totals.astype(np.float64), 1.0)
-    overall = crop_totals / crop_totals.sum()
-    score = np.zeros(sums[0].shape[0], dtype=np.float64)
-    missing = np.zeros(sums[0].shape[0], dtype=np.int64)
-    for split, split_sums in enumerate(sums):
-        crops = split_sums[:, :n_labels].astype(np.float64)
-        locations = split_sums[:, n_labels:].astype(np.float64)
+    sizes = np.asarray(counts, dtype=np.int64).sum(axis=1).astype(np.float64)
+    total = max(float(sizes.sum()), 1.0)
+    return np.stack(
+        [np.ones(len(sizes), dtype=bool), sizes <= val_frac * total, (sizes <= test_frac * total) & (test_frac > 0)],
+        axis=1,
+    )
+
+
+def scoring_targets(counts: np.ndarray, val_frac: float, test_frac: float, tolerance: float) -> np.ndarray:
+    """The targets the score measures shares against: the split targets, or reachable ones when none are.
+
+    When the groups that may go to val or test hold less than ``val_frac + test_frac - tolerance`` of the crops, no
+    partition can bring all three shares within the tolerance; val's and test's targets then shrink in proportion to
+    what those groups hold (train's grows), so that the search still weighs the shares against label coverage
+    instead of piling every small group into val and test.
+    """
+    targets = split_targets(val_frac, test_frac)
+    allowed = admissible(counts, val_frac, test_frac)
+    sizes = np.asarray(counts, dtype=np.int64).sum(axis=1)
+    total = max(int(sizes.sum()), 1)
+    reachable = float(sizes[allowed[:, VAL] | allowed[:, TEST]].sum()) / total
+    wanted = val_frac + test_frac
+    if wanted <= 0 or reachable >= wanted - tolerance:
+        return targets
+    scale = reachable / wanted
+    return np.array([1.0 - scale * wanted, scale * val_frac, scale * test_frac], dtype=np.float64)
+
+
+def coverable(counts: np.ndarray, allowed: np.ndarray, n_splits: int) -> np.ndarray:
+    """``(labels, n_splits)`` bool: could a label have a crop in the split at all?
+
+    It could when it is seen at as many groups as there are splits and at a group admissible for the split.
+    """
+    present = np.asarray(counts) > 0
+    enough = present.sum(axis=0) >= n_splits
+    reachable = (present[:, :, None] & allowed[:, None, :n_splits]).any(axis=0)
+    return np.asarray(reachable & enough[:, None])
+
+
+# --- scoring -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    """The terms of the score of one assignment (module docstring) and their sum."""
+
+    overall: float
+    labels: float
+    coverage: float
+    places: float
+    missing_pairs: int
+
+    @property
+    def total(self) -> float:
+        """The score; lower is better."""
+        return self.overall + self.labels + self.coverage + self.places
+
+
+def _score_sums(
+    crops: Sequence[np.ndarray],
+    places: Sequence[np.ndarray],
+    label_totals: np.ndarray,
+    place_totals: np.ndarray,
+    targets: np.ndarray,
+    tolerance: float,
+    can_cover: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Score terms per trial from each split's crops and groups per label (``(trials, labels)`` arrays)."""
+    totals = np.maximum(label_totals.astype(np.float64), 1.0)
+    place_totals = np.maximum(place_totals.astype(np.float64), 1.0)
+    n_crops = max(float(label_totals.sum()), 1.0)
+    trials = crops[0].shape[0]
+    overall = np.zeros(trials)
+    labels = np.zeros(trials)
+    spread = np.zeros(trials)
+    missing = np.zeros(trials, dtype=np.int64)
+    for split, (split_crops, split_places) in enumerate(zip(crops, places, strict=True)):
         target = float(targets[split])
-        score += 2.0 * ((crops / crop_totals - target) ** 2).sum(axis=1)
-        score += ((locations / location_totals - target) ** 2).sum(axis=1)
-        if split != TRAIN:
-            split_total = np.maximum(crops.sum(axis=1, keepdims=True), 1.0)
-            score += 2.0 * ((crops / split_total - overall) ** 2).sum(axis=1)
-        missing += (crops == 0).sum(axis=1)
-    return missing, score
+        deviation = np.abs(split_crops.sum(axis=1) / n_crops - target) / tolerance
+        overall += deviation**2 + np.where(deviation > 1.0, OUT_OF_TOLERANCE * (1.0 + (deviation - 1.0) ** 2), 0.0)
+        labels += ((split_crops / totals - target) ** 2).mean(axis=1)
+        spread += ((split_places / place_totals - target) ** 2).mean(axis=1)
+        missing += ((split_crops == 0) & can_cover[None, :, split]).sum(axis=1)
+    coverage = np.minimum(COVERAGE_PER_PAIR * missing, COVERAGE_CAP)
+    return overall, labels, coverage, PLACES_WEIGHT * spread, missing
 
 
 def score_assignment(
-    counts: np.ndarray, assignment: np.ndarray, val_frac: float, test_frac: float
-) -> tuple[int, float]:
-    """``(missing (label, split) pairs, score)`` of one assignment, as :func:`split_random` ranks it.
-
-    With ``test_frac == 0`` only train and val are scored.
-    """
+    counts: np.ndarray, assignment: np.ndarray, val_frac: float, test_frac: float, tolerance: float = 0.05
+) -> Score:
+    """The score of one assignment, as :func:`split_random` ranks it (``test_frac == 0``: train and val only)."""
     counts = np.asarray(counts, dtype=np.int64)
     assignment = np.asarray(assignment)
     n_splits = 3 if test_frac > 0 else 2
-    features = np.concatenate([counts, counts > 0], axis=1).astype(np.float64)
-    sums = [(assignment == s).astype(np.float64)[None, :] @ features for s in range(n_splits)]
-    missing, score = _score_sums(
-        sums, counts.sum(axis=0), (counts > 0).sum(axis=0), split_targets(val_frac, test_frac)[:n_splits]
+    targets = scoring_targets(counts, val_frac, test_frac, tolerance)[:n_splits]
+    allowed = admissible(counts, val_frac, test_frac)
+    crops = [((assignment == s).astype(np.float64)[None, :] @ counts) for s in range(n_splits)]
+    places = [((assignment == s).astype(np.float64)[None, :] @ (counts > 0)) for s in range(n_splits)]
+    terms = _score_sums(
+        crops,
+        places,
+        counts.sum(axis=0),
+        (counts > 0).sum(axis=0),
+        targets,
+        tolerance,
+        coverable(counts, allowed, n_splits),
     )
-    return int(missing[0]), float(score[0])
+    values = [float(term[0]) for term in terms]
+    return Score(values[0], values[1], values[2], values[3], missing_pairs=int(values[4]))
 
 
 # --- methods -----------------------------------------------------------------------------------------------------
+
+
+def _closest_cut(cumulative: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the two prefix lengths around ``target``: the longest below it and the shortest reaching it."""
+    below = (cumulative < target[:, None]).sum(axis=1)
+    width = cumulative.shape[1]
+    return below, np.minimum(below + 1, width)
+
+
+def _prefix_mass(cumulative: np.ndarray, length: np.ndarray) -> np.ndarray:
+    rows = np.arange(cumulative.shape[0])
+    padded = np.concatenate([np.zeros((cumulative.shape[0], 1)), cumulative], axis=1)
+    return np.asarray(padded[rows, length])
 
 
 def split_random(
@@ -191,103 +306,179 @@ def split_random(
     jitter: float = 0.03,
     fixed: np.ndarray | None = None,
     batch_size: int | None = None,
+    tolerance: float = 0.05,
 ) -> np.ndarray:
-    """The best of ``trials`` random location assignments (see the module docstring for the ranking).
+    """The best of ``trials`` partitions proposed by cumulative crop counts (see the module docstring).
 
-    Trials are processed in batches: random keys per location, sorted to find each trial's cut points, boolean
-    split masks, and one ``float32`` matrix product per split with ``[counts | counts > 0]`` (exact: the sums are
-    integers far below 2**24). Trial ``i`` draws its two size offsets from the ``i``-th pair of one stream and its
-    location keys from the ``i``-th row of another (both spawned from ``seed``), so the result depends on ``seed``
-    but not on ``batch_size``, and raising ``trials`` never gives a worse split.
+    Trial ``i`` draws its target offsets, its share parameter and its shuffle keys from the ``i``-th entries of three
+    streams spawned from ``seed``, so the result depends on ``seed`` but not on ``batch_size``, and raising
+    ``trials`` never gives a worse split.
 
     Args:
-        counts: ``(locations, labels)`` crop counts.
-        val_frac: target fraction of val.
-        test_frac: target fraction of test; 0 for no test split.
-        trials: number of random assignments tried.
-        seed: seed of the :class:`numpy.random.SeedSequence` the two generators are spawned from.
-        jitter: split sizes are drawn as ``int(L * (frac + U(-jitter, jitter)))``.
-        fixed: boolean mask of locations fixed in test (``split.reuse``). The others are split into train and val
+        counts: ``(groups, labels)`` crop counts.
+        val_frac: target share of val.
+        test_frac: target share of test; 0 for no test split.
+        trials: number of partitions tried.
+        seed: seed of the :class:`numpy.random.SeedSequence` the generators are spawned from.
+        jitter: targets are drawn in ``frac +/- jitter`` (a quarter of the trials use the exact targets).
+        fixed: boolean mask of groups fixed in test (``split.reuse``). The others are split into train and val
             only, with ``val_frac / (1 - test_frac)`` as val's share of them.
         batch_size: trials per batch; by default as many as fit :data:`_BATCH_ELEMENTS`.
+        tolerance: the score's tolerance on the overall shares.
 
     Returns:
-        ``int8`` assignment per location: 0 train, 1 val, 2 test.
+        ``int8`` assignment per group: 0 train, 1 val, 2 test.
 
     Raises:
-        ValueError: fewer locations than splits to fill.
+        DataError: fewer groups than splits to fill.
     """
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 2:
-        raise DataError(f"counts must be a (locations, labels) matrix, got shape {counts.shape}")
+        raise DataError(f"counts must be a (groups, labels) matrix, got shape {counts.shape}")
     if trials < 1:
-        raise DataError(f"split.trials must be >= 1, got {trials}")
+        raise ConfigError(f"split.trials must be >= 1, got {trials}")
     if fixed is not None:
         fixed = np.asarray(fixed, dtype=bool)
-        free = ~fixed
         assignment = np.full(len(counts), TEST, dtype=np.int8)
+        free = ~fixed
         assignment[free] = split_random(
-            counts[free], val_frac / (1.0 - test_frac), 0.0, trials, seed, jitter, None, batch_size
+            counts[free], val_frac / (1.0 - test_frac), 0.0, trials, seed, jitter, None, batch_size, tolerance
         )
         return assignment
 
-    n_locations = counts.shape[0]
+    n_groups = counts.shape[0]
     n_splits = 3 if test_frac > 0 else 2
-    if n_locations < n_splits:
+    if n_groups < n_splits:
         raise DataError(
-            f"cannot split {n_locations} location(s) into {n_splits} splits by location; "
-            f"add locations or set split.test_frac=0"
+            f"cannot split {n_groups} group(s) into {n_splits} splits; add locations or set split.test_frac=0"
         )
     targets = split_targets(val_frac, test_frac)
-    # Separate streams for sizes and shuffles: trial i is the same whatever ``trials`` and ``batch_size`` are, so
-    # more trials with the same seed can only find an equal or better split.
-    size_rng, key_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    offsets = size_rng.uniform(-jitter, jitter, size=(trials, 2))
-    n_train = np.floor(n_locations * (targets[TRAIN] + offsets[:, 0])).astype(np.int64)
-    n_train = np.clip(n_train, 1, n_locations - (n_splits - 1))
-    if n_splits == 3:
-        n_val = np.floor(n_locations * (targets[VAL] + offsets[:, 1])).astype(np.int64)
-        n_val = np.clip(n_val, 1, n_locations - n_train - 1)
-    else:
-        n_val = n_locations - n_train
+    allowed = admissible(counts, val_frac, test_frac)
+    sizes = counts.sum(axis=1).astype(np.float64)
+    n_crops = float(sizes.sum())
+    eligible = np.flatnonzero(allowed[:, VAL] | allowed[:, TEST])
+    forced = np.setdiff1d(np.arange(n_groups), eligible)
+    eligible_mass = float(sizes[eligible].sum())
+    wanted = (targets[VAL] + (targets[TEST] if n_splits == 3 else 0.0)) * n_crops
+    scale_max = min(1.0, eligible_mass / wanted) if wanted > 0 else 1.0
 
-    # float32 sums of integers are exact below 2**24; beyond that (never seen in practice) use float64.
-    dtype = np.float32 if counts.sum() < 2**24 else np.float64
-    features = np.concatenate([counts, counts > 0], axis=1).astype(dtype)
-    totals = features.sum(axis=0)
-    crop_totals, location_totals = counts.sum(axis=0), (counts > 0).sum(axis=0)
+    offset_rng, share_rng, key_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    offsets = offset_rng.uniform(-jitter, jitter, size=(trials, 2))
+    offsets[::4] = 0.0  # every fourth trial aims at the exact targets
+    scale = np.full(trials, scale_max)
+    if scale_max < 1.0:
+        # Short of crops for val and test: half the trials also keep a random share of them in train.
+        scale[1::2] *= share_rng.uniform(0.5, 1.0, size=len(scale[1::2]))
+    val_target = np.maximum(targets[VAL] + offsets[:, 0], 0.0) * n_crops * scale
+    test_target = np.maximum(targets[TEST] + offsets[:, 1], 0.0) * n_crops * scale if n_splits == 3 else None
+
+    label_totals, place_totals = counts.sum(axis=0), (counts > 0).sum(axis=0)
+    can_cover = coverable(counts, allowed, n_splits)
+    score_targets = scoring_targets(counts, val_frac, test_frac if n_splits == 3 else 0.0, tolerance)
+    # Every sum of integers is exact in float64; the matrix products run on the eligible groups only.
+    features = np.concatenate([counts, counts > 0], axis=1).astype(np.float64)
+    n_labels = counts.shape[1]
+    forced_sums = features[forced].sum(axis=0)
+    width = len(eligible)
     if batch_size is None:
-        batch_size = max(1, min(trials, _BATCH_ELEMENTS // max(n_locations, 1)))
+        batch_size = max(1, min(trials, _BATCH_ELEMENTS // max(width, 1)))
 
-    best_key: tuple[int, float] | None = None
-    best_assignment = np.zeros(n_locations, dtype=np.int8)
+    best: tuple[float, int] | None = None
+    best_assignment = np.zeros(n_groups, dtype=np.int8)
     for start in range(0, trials, batch_size):
         stop = min(trials, start + batch_size)
-        rows = np.arange(stop - start)
-        keys = key_rng.random((stop - start, n_locations))
-        ordered = np.sort(keys, axis=1)
-        # A location goes to train when its key is among the n_train smallest of its trial, and so on.
-        cut_train = ordered[rows, n_train[start:stop] - 1][:, None]
-        in_train = keys <= cut_train
-        sums = [in_train.astype(dtype) @ features]
+        rows = stop - start
+        keys = key_rng.random((rows, width))
+        order = np.argsort(keys, axis=1)
+        ordered_size = sizes[eligible][order]
+        val_ok = allowed[eligible, VAL][order]
+        test_ok = allowed[eligible, TEST][order]
+        batch_targets = (val_target[start:stop], None if test_target is None else test_target[start:stop])
+        in_val, in_test = _cut(ordered_size, val_ok, test_ok, *batch_targets, targets, n_crops)
+        # Back from shuffled positions to eligible-group columns.
+        back = np.argsort(order, axis=1)
+        rows_index = np.arange(rows)[:, None]
+        val_mask = in_val[rows_index, back]
+        test_mask = in_test[rows_index, back] if in_test is not None else np.zeros_like(val_mask)
+        train_mask = ~(val_mask | test_mask)
+        eligible_features = features[eligible]
+        sums = [
+            train_mask.astype(np.float64) @ eligible_features + forced_sums,
+            val_mask.astype(np.float64) @ eligible_features,
+        ]
         if n_splits == 3:
-            cut_val = ordered[rows, n_train[start:stop] + n_val[start:stop] - 1][:, None]
-            in_val = ~in_train & (keys <= cut_val)
-            sums.append(in_val.astype(dtype) @ features)
-            sums.append(totals - sums[0] - sums[1])
-        else:
-            sums.append(totals - sums[0])
-        missing, score = _score_sums(sums, crop_totals, location_totals, targets[:n_splits])
-        best = int(np.lexsort((score, missing))[0])
-        key = (int(missing[best]), float(score[best]))
-        if best_key is None or key < best_key:
-            best_key = key
-            assignment = (~in_train[best]).astype(np.int8)
-            if n_splits == 3:
-                assignment += (keys[best] > cut_val[best, 0]).astype(np.int8)
+            sums.append(test_mask.astype(np.float64) @ eligible_features)
+        terms = _score_sums(
+            [s[:, :n_labels] for s in sums],
+            [s[:, n_labels:] for s in sums],
+            label_totals,
+            place_totals,
+            score_targets[:n_splits],
+            tolerance,
+            can_cover,
+        )
+        total = terms[0] + terms[1] + terms[2] + terms[3]
+        winner = int(np.argmin(total))
+        key = (float(total[winner]), start + winner)
+        if best is None or key < best:
+            best = key
+            assignment = np.zeros(n_groups, dtype=np.int8)
+            assignment[eligible[val_mask[winner]]] = VAL
+            assignment[eligible[test_mask[winner]]] = TEST
             best_assignment = assignment
-    log.debug("random split: best of %d trials has %s (missing pairs, score)", trials, best_key)
+    log.debug("random split: best of %d trials scores %s", trials, best)
     return best_assignment
+
+
+def _cut(
+    size: np.ndarray,
+    val_ok: np.ndarray,
+    test_ok: np.ndarray,
+    val_target: np.ndarray,
+    test_target: np.ndarray | None,
+    targets: np.ndarray,
+    n_crops: float,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Val and test masks over shuffled positions: the prefix cuts closest to each trial's targets.
+
+    Val takes the val-admissible groups of a prefix, test the test-admissible groups of a prefix among the rest.
+    Of the two candidate cuts for each (just short of the target, just reaching it), the combination whose three
+    overall shares land closest to the targets wins.
+    """
+    positions = np.arange(size.shape[1])[None, :]
+    val_mass = np.cumsum(size * val_ok, axis=1)
+    val_cuts = _closest_cut(val_mass, val_target)
+    if test_target is None:
+        best_val = _pick(val_mass, val_cuts, val_target)
+        return val_ok & (positions < best_val[:, None]), None
+    best_error = np.full(size.shape[0], np.inf)
+    chosen_val = np.zeros(size.shape[0], dtype=np.int64)
+    chosen_test = np.zeros(size.shape[0], dtype=np.int64)
+    for val_length in val_cuts:
+        in_val = val_ok & (positions < val_length[:, None])
+        test_mass = np.cumsum(size * (test_ok & ~in_val), axis=1)
+        for test_length in _closest_cut(test_mass, test_target):
+            val_share = _prefix_mass(val_mass, val_length) / n_crops
+            test_share = _prefix_mass(test_mass, test_length) / n_crops
+            error = (
+                (val_share - targets[VAL]) ** 2
+                + (test_share - targets[TEST]) ** 2
+                + (1.0 - val_share - test_share - targets[TRAIN]) ** 2
+            )
+            better = error < best_error
+            best_error = np.where(better, error, best_error)
+            chosen_val = np.where(better, val_length, chosen_val)
+            chosen_test = np.where(better, test_length, chosen_test)
+    in_val = val_ok & (positions < chosen_val[:, None])
+    in_test = test_ok & ~in_val & (positions < chosen_test[:, None])
+    return in_val, in_test
+
+
+def _pick(cumulative: np.ndarray, cuts: tuple[np.ndarray, np.ndarray], target: np.ndarray) -> np.ndarray:
+    short, reach = cuts
+    short_gap = np.abs(target - _prefix_mass(cumulative, short))
+    reach_gap = np.abs(_prefix_mass(cumulative, reach) - target)
+    return np.where(reach_gap < short_gap, reach, short)
 
 
 def split_smallest_first(
@@ -296,30 +487,32 @@ def split_smallest_first(
     test_frac: float,
     priority: np.ndarray | None = None,
     fixed: np.ndarray | None = None,
+    tolerance: float = 0.05,
 ) -> np.ndarray:
-    """Greedy split, rarest labels first (pipeline.md 3.4, as the old code meant it).
+    """Greedy split, rarest labels first, with the crop-share rules of :func:`split_random` (module docstring).
 
-    Labels are visited from fewest crops to most (ties by label order). For each label, its locations are visited
-    by ``priority`` (lower first), then by the label's crop count there (ascending), then by location order. Each
-    location not assigned yet goes to test while test holds less than ``test_frac`` of the label's crops, else to
-    val while val holds less than ``val_frac``, else to train. Crops of locations assigned while visiting earlier
-    labels count towards these totals.
+    Labels are visited from fewest crops to most (ties by label order). For each label, its unassigned groups are
+    visited by ``priority`` (lower first), then by the label's crop count there (ascending), then by group order.
 
     Args:
-        counts: ``(locations, labels)`` crop counts.
-        val_frac: target fraction of val.
-        test_frac: target fraction of test; 0 for no test split.
-        priority: per-location rank (e.g. the position of its dataset in the label spec's ``prioritize`` lists);
+        counts: ``(groups, labels)`` crop counts.
+        val_frac: target share of val.
+        test_frac: target share of test; 0 for no test split.
+        priority: per-group rank (e.g. the position of its dataset in the label spec's ``prioritize`` lists);
             lower ranks are visited first. Default: all equal.
-        fixed: boolean mask of locations fixed in test (``split.reuse``); no other location goes to test then.
+        fixed: boolean mask of groups fixed in test (``split.reuse``); no other group goes to test then.
+        tolerance: how far over its target a split may grow.
 
     Returns:
-        ``int8`` assignment per location: 0 train, 1 val, 2 test.
+        ``int8`` assignment per group: 0 train, 1 val, 2 test.
     """
     counts = np.asarray(counts, dtype=np.int64)
-    n_locations, n_labels = counts.shape
-    rank = np.zeros(n_locations, dtype=np.int64) if priority is None else np.asarray(priority, dtype=np.int64)
-    assignment = np.full(n_locations, -1, dtype=np.int8)
+    n_groups, n_labels = counts.shape
+    rank = np.zeros(n_groups, dtype=np.int64) if priority is None else np.asarray(priority, dtype=np.int64)
+    allowed = admissible(counts, val_frac, test_frac)
+    sizes = counts.sum(axis=1)
+    n_crops = max(int(sizes.sum()), 1)
+    assignment = np.full(n_groups, -1, dtype=np.int8)
     split_crops = np.zeros((3, n_labels), dtype=np.int64)
     test_open = test_frac > 0
     if fixed is not None:
@@ -327,137 +520,244 @@ def split_smallest_first(
         assignment[fixed] = TEST
         split_crops[TEST] = counts[fixed].sum(axis=0)
         test_open = False
+    # Too large for every evaluation split: train, before anything else.
+    for group in np.flatnonzero((assignment < 0) & ~allowed[:, VAL] & ~(allowed[:, TEST] & test_open)):
+        assignment[group] = TRAIN
+        split_crops[TRAIN] += counts[group]
+    caps = {VAL: (val_frac + tolerance) * n_crops, TEST: (test_frac + tolerance) * n_crops}
     label_totals = counts.sum(axis=0)
     for label in np.lexsort((np.arange(n_labels), label_totals)):
         size = label_totals[label]
         where = np.flatnonzero(counts[:, label] > 0)
-        for location in where[np.lexsort((where, counts[where, label], rank[where]))]:
-            if assignment[location] >= 0:
+        free = where[assignment[where] < 0]
+        if len(where) >= 2 and split_crops[TRAIN, label] == 0 and len(free):
+            # A label seen at several groups keeps one in train: its largest free one.
+            keep = free[np.lexsort((free, -counts[free, label]))[0]]
+            assignment[keep] = TRAIN
+            split_crops[TRAIN] += counts[keep]
+        for group in where[np.lexsort((where, counts[where, label], rank[where]))]:
+            if assignment[group] >= 0:
                 continue
-            if test_open and split_crops[TEST, label] < test_frac * size:
-                split = TEST
-            elif split_crops[VAL, label] < val_frac * size:
-                split = VAL
-            else:
-                split = TRAIN
-            assignment[location] = split
-            split_crops[split] += counts[location]
-    assignment[assignment < 0] = TRAIN  # locations without crops; none when counts come from a dataset frame
+            split = TRAIN
+            for candidate, share, is_open in ((TEST, test_frac, test_open), (VAL, val_frac, True)):
+                fits = split_crops[candidate].sum() + sizes[group] <= caps[candidate]
+                if is_open and allowed[group, candidate] and split_crops[candidate, label] < share * size and fits:
+                    split = candidate
+                    break
+            assignment[group] = split
+            split_crops[split] += counts[group]
+    assignment[assignment < 0] = TRAIN  # groups without crops; none when counts come from a dataset frame
     return assignment
 
 
-# --- checks and reports ------------------------------------------------------------------------------------------
+# --- diagnosis ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class CoverageProblem:
-    """A label that is absent from some split.
+class DominantGroup:
+    """A group too large for some evaluation split: where it may not go, and its share of all crops."""
 
-    Attributes:
-        label: the label.
-        locations: number of locations that have it.
-        crops: number of crops of it.
-        missing_splits: the splits (names) without a crop of it.
-        too_few_locations: ``True`` when the label has fewer locations than there are splits, so no assignment
-            could place it everywhere.
-    """
+    group: LocationKey
+    crops: int
+    share: float
+    excluded_from: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LabelProblem:
+    """A label absent from some split, and the true reason."""
 
     label: str
-    locations: int
     crops: int
+    groups: int
     missing_splits: tuple[str, ...]
-    too_few_locations: bool
+    reason: str
 
     def message(self) -> str:
         """One sentence naming the label, the splits it misses and why."""
-        why = (
-            f"it is seen at only {self.locations} location(s)"
-            if self.too_few_locations
-            else f"no assignment of its {self.locations} locations reached them among the trials"
-        )
-        return f"label {self.label!r} ({self.crops} crops) has no crop in split(s) {list(self.missing_splits)}: {why}"
+        where = f"has no crop in split(s) {list(self.missing_splits)}"
+        return f"label {self.label!r} ({self.crops} crops) {where}: {self.reason}"
 
 
-def coverage_problems(
-    counts: np.ndarray,
-    labels: Sequence[str],
-    assignment: np.ndarray | None = None,
-    split_names: Sequence[str] = SPLIT_NAMES,
-) -> list[CoverageProblem]:
-    """Labels that do not (or, without ``assignment``, cannot) reach every split.
+@dataclass
+class SplitDiagnosis:
+    """What a split achieved against its targets, and why it falls short where it does."""
 
-    Args:
-        counts: ``(locations, labels)`` crop counts.
-        labels: label names, one per column.
-        assignment: per-location split ids; without it, labels with fewer locations than ``split_names`` are
-            returned (all splits listed as missing).
-        split_names: the splits in use, in id order (``("train", "val")`` when there is no test split).
+    group_by: str
+    split_names: tuple[str, ...]
+    targets: dict[str, float]
+    tolerance: float
+    shares: dict[str, float]
+    groups: dict[str, int]
+    dominant: list[DominantGroup] = field(default_factory=list)
+    only_dominant_labels: list[str] = field(default_factory=list)
+    label_problems: list[LabelProblem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    score: Score | None = None
 
-    Returns:
-        One problem per affected label, in label order.
-    """
-    counts = np.asarray(counts, dtype=np.int64)
-    n_splits = len(split_names)
-    location_totals = (counts > 0).sum(axis=0)
-    crop_totals = counts.sum(axis=0)
-    problems: list[CoverageProblem] = []
-    for j, label in enumerate(labels):
-        too_few = bool(location_totals[j] < n_splits)
-        if assignment is None:
-            missing = tuple(split_names) if too_few else ()
-        else:
-            present = np.asarray(assignment)[counts[:, j] > 0]
-            missing = tuple(name for s, name in enumerate(split_names) if not (present == s).any())
-        if missing:
-            problems.append(
-                CoverageProblem(
-                    label=str(label),
-                    locations=int(location_totals[j]),
-                    crops=int(crop_totals[j]),
-                    missing_splits=missing,
-                    too_few_locations=too_few,
-                )
-            )
-    return problems
+    @property
+    def off_target(self) -> dict[str, float]:
+        """Splits whose overall share is further than the tolerance from the target: split -> deviation."""
+        deviations = {s: self.shares[s] - self.targets[s] for s in self.split_names}
+        return {s: d for s, d in deviations.items() if abs(d) > self.tolerance + 1e-12}
 
-
-def split_report(frame: pd.DataFrame, splits: Mapping[str, Sequence[LocationKey]]) -> pd.DataFrame:
-    """Per split and label: crops, locations and the label's share of crops and locations in that split.
-
-    Args:
-        frame: the dataset frame (``dataset``, ``location``, ``label``).
-        splits: ``{split: [(dataset, location), ...]}`` as :func:`make_splits` returns it.
-
-    Returns:
-        Columns ``split, label, crops, locations, crop_frac, location_frac``; rows for train and val, and for test
-        when it has locations; every label in every split (zeros where a label is absent); fractions rounded to 6
-        decimals so the CSV is byte-stable.
-    """
-    locations, labels, counts = location_label_counts(frame)
-    split_of = {(str(d), str(loc)): name for name, pairs in splits.items() for d, loc in pairs}
-    names = [n for n in SPLIT_NAMES if n != "test" or splits.get("test")]
-    assignment = np.array([names.index(split_of[p]) if split_of.get(p) in names else -1 for p in locations])
-    crop_totals = np.maximum(counts.sum(axis=0), 1)
-    location_totals = np.maximum((counts > 0).sum(axis=0), 1)
-    parts = []
-    for s, name in enumerate(names):
-        in_split = assignment == s
-        crops = counts[in_split].sum(axis=0)
-        n_locations = (counts[in_split] > 0).sum(axis=0)
-        parts.append(
-            pd.DataFrame(
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for ``prepare_report.json``."""
+        return {
+            "group_by": self.group_by,
+            "targets": self.targets,
+            "tolerance": self.tolerance,
+            "achieved": {s: round(v, 6) for s, v in self.shares.items()},
+            "groups": self.groups,
+            "off_target": {s: round(d, 6) for s, d in self.off_target.items()},
+            "dominant_groups": [
                 {
-                    "split": name,
-                    "label": labels,
-                    "crops": crops.astype(np.int64),
-                    "locations": n_locations.astype(np.int64),
-                    "crop_frac": np.round(crops / crop_totals, 6),
-                    "location_frac": np.round(n_locations / location_totals, 6),
+                    "group": list(d.group),
+                    "crops": d.crops,
+                    "share": round(d.share, 6),
+                    "excluded_from": list(d.excluded_from),
                 }
-            )
+                for d in self.dominant
+            ],
+            "labels_only_at_dominant_groups": self.only_dominant_labels,
+            "label_problems": [p.message() for p in self.label_problems],
+            "warnings": self.warnings,
+            "score": None if self.score is None else _score_dict(self.score),
+        }
+
+
+def _score_dict(score: Score) -> dict[str, Any]:
+    return {
+        "total": round(score.total, 9),
+        "overall": round(score.overall, 9),
+        "labels": round(score.labels, 9),
+        "coverage": round(score.coverage, 9),
+        "places": round(score.places, 9),
+        "missing_label_split_pairs": score.missing_pairs,
+    }
+
+
+def diagnose(
+    groups: Sequence[LocationKey],
+    labels: Sequence[str],
+    counts: np.ndarray,
+    assignment: np.ndarray,
+    settings: SplitSettings,
+    has_test: bool,
+) -> SplitDiagnosis:
+    """Compare an assignment with the targets; name dominant groups, unevaluable labels and the cause of a miss."""
+    counts = np.asarray(counts, dtype=np.int64)
+    names = SPLIT_NAMES if has_test else SPLIT_NAMES[:2]
+    test_frac = settings.test_frac if has_test else 0.0
+    target_values = split_targets(settings.val_frac, test_frac)
+    targets = {name: float(target_values[i]) for i, name in enumerate(names)}
+    sizes = counts.sum(axis=1)
+    n_crops = max(int(sizes.sum()), 1)
+    shares = {name: float(sizes[assignment == i].sum() / n_crops) for i, name in enumerate(names)}
+    n_groups = {name: int((assignment == i).sum()) for i, name in enumerate(names)}
+    unit = "location" if settings.group_by == "location" else settings.group_by.replace("_", "+")
+
+    allowed = admissible(counts, settings.val_frac, test_frac)
+    dominant = [
+        DominantGroup(
+            group=groups[int(g)],
+            crops=int(sizes[g]),
+            share=float(sizes[g] / n_crops),
+            excluded_from=tuple(names[s] for s in range(1, len(names)) if not allowed[g, s]),
         )
-    columns = ["split", "label", "crops", "locations", "crop_frac", "location_frac"]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+        for g in np.flatnonzero(~allowed[:, 1 : len(names)].all(axis=1))
+    ]
+    dominant.sort(key=lambda d: (-d.crops, d.group))
+    eval_ok = allowed[:, 1 : len(names)].any(axis=1)
+    only_dominant = [str(labels[j]) for j in range(len(labels)) if not (counts[eval_ok, j] > 0).any()]
+
+    problems: list[LabelProblem] = []
+    present = counts > 0
+    for j, label in enumerate(labels):
+        where = assignment[present[:, j]]
+        missing = tuple(name for i, name in enumerate(names) if not (where == i).any())
+        if not missing:
+            continue
+        n_label_groups = int(present[:, j].sum())
+        if str(label) in only_dominant:
+            holders = ", ".join("/".join(groups[int(g)]) for g in np.flatnonzero(present[:, j]))
+            reason = (
+                f"it is seen only at {unit}s too large for val and test ({holders}), so it cannot be evaluated on "
+                "unseen locations"
+            )
+        elif n_label_groups < len(names):
+            reason = f"it is seen at only {n_label_groups} {unit}(s), fewer than the {len(names)} splits"
+        else:
+            thin = [name for name in missing if n_groups[name] <= len(names)]
+            if thin:
+                reason = f"split(s) {thin} hold only {[n_groups[t] for t in thin]} {unit}(s) in all"
+            else:
+                reason = f"no partition close to the targets placed one of its {n_label_groups} {unit}s there"
+        problems.append(LabelProblem(str(label), int(counts[:, j].sum()), n_label_groups, missing, reason))
+
+    diagnosis = SplitDiagnosis(
+        group_by=settings.group_by,
+        split_names=tuple(names),
+        targets=targets,
+        tolerance=settings.tolerance,
+        shares=shares,
+        groups=n_groups,
+        dominant=dominant,
+        only_dominant_labels=only_dominant,
+        label_problems=problems,
+        score=score_assignment(counts, assignment, settings.val_frac, test_frac, settings.tolerance),
+    )
+    for split, deviation in diagnosis.off_target.items():
+        cause = []
+        if dominant:
+            largest = ", ".join(f"{'/'.join(d.group)} ({d.share:.0%})" for d in dominant[:3])
+            cause.append(
+                f"{len(dominant)} {unit}(s) hold more crops than an evaluation split should and stay in train "
+                f"({largest}{', ...' if len(dominant) > 3 else ''})"
+            )
+        cause.append(f"there are {len(groups)} {unit}s in all")
+        diagnosis.warnings.append(
+            f"split {split!r} holds {shares[split]:.1%} of the crops, target {targets[split]:.0%} "
+            f"(off by {deviation:+.1%}, more than split.tolerance={settings.tolerance}): " + "; ".join(cause)
+        )
+    return diagnosis
+
+
+def format_shares(diagnosis: SplitDiagnosis, frame: pd.DataFrame | None = None) -> str:
+    """The achieved shares next to the targets, overall and (from a split report table) per label."""
+    names = diagnosis.split_names
+    header = f"{'':<24}" + "".join(f"{name:>8}" for name in names)
+    lines = [
+        f"crop shares per split (targets {' / '.join(f'{diagnosis.targets[n]:.2f}' for n in names)}, "
+        f"tolerance {diagnosis.tolerance}, grouped by {diagnosis.group_by}):",
+        header,
+        f"{'target':<24}" + "".join(f"{diagnosis.targets[n]:>8.2f}" for n in names),
+        f"{'all labels':<24}" + "".join(f"{diagnosis.shares[n]:>8.2f}" for n in names),
+    ]
+    if frame is not None and not frame.empty:
+        per_label = frame[frame["label"] != ALL_LABELS].pivot_table(
+            index="label", columns="split", values="crop_frac", aggfunc="sum", fill_value=0.0
+        )
+        for label, row in per_label.iterrows():
+            name = str(label) if len(str(label)) <= 23 else str(label)[:22] + "…"
+            lines.append(f"{name:<24}" + "".join(f"{float(row.get(n, 0.0)):>8.2f}" for n in names))
+    return "\n".join(lines)
+
+
+# --- the stage ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitResult:
+    """The groups of each split and the diagnosis."""
+
+    splits: dict[str, list[LocationKey]]
+    diagnosis: SplitDiagnosis
+
+
+def group_column(settings: SplitSettings) -> str:
+    """The dataset frame column holding the grouping unit's key."""
+    return "location" if settings.group_by == "location" else "split_group"
 
 
 def make_splits(
@@ -465,32 +765,37 @@ def make_splits(
     settings: SplitSettings,
     report: PrepareReport,
     priority_datasets: Sequence[str] = (),
-) -> dict[str, list[LocationKey]]:
-    """Assign every ``(dataset, location)`` of the dataset frame to train, val or test.
+) -> SplitResult:
+    """Assign every group of the dataset frame to train, val or test, and diagnose the result.
 
     Args:
-        frame: the dataset frame (``dataset``, ``location``, ``label``).
+        frame: the dataset frame (``dataset``, ``label`` and the group column: ``location``, or ``split_group`` for
+            the other units).
         settings: ``split.*``.
-        report: receives per-split counts, the labels that miss a split and, with ``split.reuse``, the earlier test
-            locations that no longer occur.
-        priority_datasets: datasets whose locations ``smallest_first`` visits first (the label spec's
-            ``prioritize`` lists, flattened in order).
-
-    Returns:
-        ``{"train": [...], "val": [...], "test": [...]}`` with sorted ``(dataset, location)`` lists; ``test`` is
-        empty when ``split.test_frac=0`` and no earlier test split is reused.
+        report: receives per-split counts, the diagnosis (``info.splits``), one issue per label that misses a
+            split, per dominant group and per off-target split.
+        priority_datasets: datasets whose groups ``smallest_first`` visits first (the label spec's ``prioritize``
+            lists, flattened in order).
 
     Raises:
-        ValueError: too few locations to split.
+        DataError: too few groups to split.
         DatasetError: ``split.reuse`` names an unreadable ``splits.json``.
+        PrepareError: ``split.strict=true`` and an overall share is off by more than the tolerance.
     """
-    locations, labels, counts = location_label_counts(frame)
-    if not locations:
+    groups, _, counts = group_label_counts(frame, group_column(settings))
+    if not groups:
         raise DataError("make_splits: the dataset frame has no rows")
+    if settings.group_by != "location":
+        message = (
+            f"splitting by {settings.group_by}, not by location: crops of one camera can land in two splits, so "
+            "val and test see backgrounds that train saw and their figures flatter the model"
+        )
+        log.warning("%s", message)
+        report.add(STAGE, "split_unit_leaks_backgrounds", message, field="split.group_by", action="reported")
 
     fixed: np.ndarray | None = None
     if settings.reuse:
-        fixed = _reused_test_mask(locations, settings.reuse, report)
+        fixed = _reused_test_mask(groups, settings.reuse, report)
 
     if settings.method == "random":
         assignment = split_random(
@@ -501,72 +806,165 @@ def make_splits(
             seed=settings.seed,
             jitter=settings.jitter,
             fixed=fixed,
+            tolerance=settings.tolerance,
         )
     elif settings.method == "smallest_first":
         rank_of = {d: i for i, d in enumerate(dict.fromkeys(priority_datasets))}
-        priority = np.array([rank_of.get(d, len(rank_of)) for d, _ in locations], dtype=np.int64)
-        assignment = split_smallest_first(counts, settings.val_frac, settings.test_frac, priority=priority, fixed=fixed)
+        priority = np.array([rank_of.get(d, len(rank_of)) for d, _ in groups], dtype=np.int64)
+        assignment = split_smallest_first(
+            counts,
+            settings.val_frac,
+            settings.test_frac,
+            priority=priority,
+            fixed=fixed,
+            tolerance=settings.tolerance,
+        )
     else:
-        raise DataError(f"split.method: unknown method {settings.method!r}")
+        raise ConfigError(f"split.method: unknown method {settings.method!r}")
 
     splits: dict[str, list[LocationKey]] = {
-        name: [loc for loc, a in zip(locations, assignment.tolist(), strict=True) if a == s]
-        for s, name in enumerate(SPLIT_NAMES)
+        name: [g for g, a in zip(groups, assignment.tolist(), strict=True) if a == index]
+        for index, name in enumerate(SPLIT_NAMES)
     }
+    return SplitResult(splits=splits, diagnosis=review_splits(frame, splits, settings, report))
 
-    has_test = bool(splits["test"]) or (settings.test_frac > 0 and fixed is None)
-    names = SPLIT_NAMES if has_test else SPLIT_NAMES[:2]
-    problems = coverage_problems(counts, labels, assignment, names)
-    for problem in problems:
-        report.add(
-            STAGE,
-            "label_missing_from_split",
-            problem.message(),
-            record=problem.label,
-            field="label",
-            action="reported",
-        )
-        log.warning("%s", problem.message())
 
-    missing, score = score_assignment(counts, assignment, settings.val_frac, settings.test_frac if has_test else 0.0)
-    for name in SPLIT_NAMES:
-        in_split = assignment == SPLIT_NAMES.index(name)
-        report.set_count(STAGE, f"{name}_locations", int(in_split.sum()))
+def review_splits(
+    frame: pd.DataFrame, splits: Mapping[str, Sequence[LocationKey]], settings: SplitSettings, report: PrepareReport
+) -> SplitDiagnosis:
+    """Diagnose a split of the dataset frame (made now, or read back from ``splits.json``) and report it.
+
+    Logs and reports every dominant group, unevaluable label, label missing a split and off-target split, and
+    records the diagnosis in ``report.info["splits"]``.
+
+    Raises:
+        SplitTargetError: ``split.strict=true`` and an overall share is off by more than the tolerance.
+    """
+    groups, labels, counts = group_label_counts(frame, group_column(settings))
+    split_of = {tuple(pair): name for name, pairs in splits.items() for pair in pairs}
+    assignment = np.array([SPLIT_NAMES.index(split_of.get(g, "train")) for g in groups], dtype=np.int8)
+    has_test = bool(splits.get("test")) or (settings.test_frac > 0 and not settings.reuse)
+    diagnosis = diagnose(groups, labels, counts, assignment, settings, has_test)
+    for index, name in enumerate(SPLIT_NAMES):
+        in_split = assignment == index
+        report.set_count(STAGE, f"{name}_groups", int(in_split.sum()))
         report.set_count(STAGE, f"{name}_crops", int(counts[in_split].sum()))
-    report.set_count(STAGE, "labels_missing_a_split", len(problems))
     report.info["splits"] = {
         "method": settings.method,
         "seed": settings.seed,
         "trials": settings.trials if settings.method == "random" else None,
-        "score": round(score, 9),
-        "missing_label_split_pairs": missing,
         "reused_test_from": settings.reuse,
+        **diagnosis.to_dict(),
     }
-    return splits
+    _report_diagnosis(diagnosis, settings, report)
+    return diagnosis
+
+
+def _report_diagnosis(diagnosis: SplitDiagnosis, settings: SplitSettings, report: PrepareReport) -> None:
+    for dominant in diagnosis.dominant:
+        message = (
+            f"{'/'.join(dominant.group)} holds {dominant.crops} crops ({dominant.share:.1%} of all), more than the "
+            f"target of {', '.join(dominant.excluded_from)}: it never goes there"
+        )
+        record = "/".join(dominant.group)
+        report.add(STAGE, "dominant_group", message, record=record, field=settings.group_by, action="reported")
+    for label in diagnosis.only_dominant_labels:
+        message = (
+            f"label {label!r} is seen only at groups too large for val and test: it cannot be evaluated on unseen "
+            "locations"
+        )
+        log.warning("%s", message)
+        report.add(STAGE, "label_not_evaluable", message, record=label, field="label", action="reported")
+    for problem in diagnosis.label_problems:
+        log.warning("%s", problem.message())
+        report.add(
+            STAGE, "label_missing_from_split", problem.message(), record=problem.label, field="label", action="reported"
+        )
+    report.set_count(STAGE, "labels_missing_a_split", len(diagnosis.label_problems))
+    for warning in diagnosis.warnings:
+        log.warning("%s", warning)
+        report.add(STAGE, "split_off_target", warning, field="split.val_frac", action="reported")
+    if diagnosis.warnings and settings.strict:
+        raise SplitTargetError("split.strict=true: " + " | ".join(diagnosis.warnings))
+
+
+def split_report(
+    frame: pd.DataFrame,
+    splits: Mapping[str, Sequence[LocationKey]],
+    group_by: str = "location",
+    targets: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
+    """Per split and label: crops, groups and the label's share of its crops and groups in that split.
+
+    Args:
+        frame: the dataset frame (``dataset``, ``label`` and the group column).
+        splits: ``{split: [(dataset, group), ...]}`` as :func:`make_splits` returns it.
+        group_by: the grouping unit (``location`` reads the ``location`` column, the others ``split_group``).
+        targets: the target share of each split (the ``target_frac`` column); NaN when not given.
+
+    Returns:
+        Columns ``split, label, crops, locations, crop_frac, location_frac, target_frac``; rows for train and val,
+        and for test when it has groups; every label in every split (zeros where a label is absent), then one row per
+        split with label :data:`ALL_LABELS` for all labels together. ``locations`` counts groups of the split's unit.
+        Fractions are rounded to 6 decimals so the CSV is byte-stable.
+    """
+    column = "location" if group_by == "location" else "split_group"
+    groups, labels, counts = group_label_counts(frame, column)
+    split_of = {(str(d), str(g)): name for name, pairs in splits.items() for d, g in pairs}
+    names = [n for n in SPLIT_NAMES if n != "test" or splits.get("test")]
+    assignment = np.array([names.index(split_of[p]) if split_of.get(p) in names else -1 for p in groups])
+    crop_totals = np.maximum(counts.sum(axis=0), 1)
+    group_totals = np.maximum((counts > 0).sum(axis=0), 1)
+    n_crops, n_groups = max(int(counts.sum()), 1), max(len(groups), 1)
+    parts = []
+    for s, name in enumerate(names):
+        in_split = assignment == s
+        crops = counts[in_split].sum(axis=0)
+        n_present = (counts[in_split] > 0).sum(axis=0)
+        target = float("nan") if targets is None else float(targets.get(name, float("nan")))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "split": name,
+                    "label": [*labels, ALL_LABELS],
+                    "crops": np.r_[crops, crops.sum()].astype(np.int64),
+                    "locations": np.r_[n_present, in_split.sum()].astype(np.int64),
+                    "crop_frac": np.round(np.r_[crops / crop_totals, crops.sum() / n_crops], 6),
+                    "location_frac": np.round(np.r_[n_present / group_totals, in_split.sum() / n_groups], 6),
+                    "target_frac": target,
+                }
+            )
+        )
+    columns = ["split", "label", "crops", "locations", "crop_frac", "location_frac", "target_frac"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
 def write_split_files(
-    frame: pd.DataFrame, splits: Mapping[str, Sequence[LocationKey]], output_dir: str | Path
+    frame: pd.DataFrame,
+    splits: Mapping[str, Sequence[LocationKey]],
+    output_dir: str | Path,
+    group_by: str = "location",
+    targets: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Write ``splits.json`` and ``split_report.csv`` into ``output_dir``; return the report table."""
     output_dir = Path(output_dir)
     write_splits(splits, output_dir / SPLITS_FILENAME)
-    table = split_report(frame, splits)
+    table = split_report(frame, splits, group_by, targets)
     with atomic_write(output_dir / SPLIT_REPORT_FILENAME, "w") as handle:
         table.to_csv(handle, index=False, lineterminator="\n")
     return table
 
 
-def _reused_test_mask(locations: Sequence[LocationKey], reuse: str, report: PrepareReport) -> np.ndarray:
+def _reused_test_mask(groups: Sequence[LocationKey], reuse: str, report: PrepareReport) -> np.ndarray:
     earlier = read_splits(reuse)
     test = set(earlier.get("test", []))
-    mask = np.array([loc in test for loc in locations], dtype=bool)
-    absent = sorted(test - set(locations))
+    mask = np.array([g in test for g in groups], dtype=bool)
+    absent = sorted(test - set(groups))
     if absent:
         report.add(
             STAGE,
             "reused_test_location_absent",
-            f"{len(absent)} test location(s) of {reuse} do not occur in this dataset, e.g. "
+            f"{len(absent)} test group(s) of {reuse} do not occur in this dataset, e.g. "
             f"{[list(p) for p in absent[:10]]}",
             file=reuse,
             field="test",
@@ -576,7 +974,7 @@ def _reused_test_mask(locations: Sequence[LocationKey], reuse: str, report: Prep
         report.add(
             STAGE,
             "reused_test_empty",
-            f"{reuse}: none of its test locations occur in this dataset; the test split is empty",
+            f"{reuse}: none of its test groups occur in this dataset; the test split is empty",
             file=reuse,
             field="test",
             action="reported",

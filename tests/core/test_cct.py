@@ -125,7 +125,11 @@ def test_animl_export_is_read_into_the_data_model(tmp_path: Path) -> None:
     assert annotations.loc[1:, "w"].isna().all()  # null and missing bbox: an annotation without a box
     assert annotations["category_id"].dtype == np.int64
     assert project.categories == {0: "empty", 1: "fox", 2: "skunk"}
-    assert report.issues == []
+    # A null or empty location is filled in, and each one is reported (the split will treat them as one camera).
+    missing = report.issues_of("ingest", "location_missing")
+    expected = [("p:3", "location", "filled"), ("p:4", "location", "filled")]
+    assert [(i.record, i.field, i.action) for i in missing] == expected
+    assert len(report.issues) == 2
     assert report.counts["ingest"]["annotations_with_box"] == 1
 
 

@@ -342,8 +342,8 @@ def dataset_frames(draw: st.DrawFn) -> tuple[list[int], list[str]]:
 def test_make_splits_partitions_locations(data: tuple[list[int], list[str]], seed: int, method: str) -> None:
     locations, labels = data
     split_settings = SplitSettings(method=method, seed=seed, trials=40)
-    numeric = make_splits(_frame(locations, labels), split_settings, PrepareReport())
-    again = make_splits(_frame(locations, labels), split_settings, PrepareReport())
+    numeric = make_splits(_frame(locations, labels), split_settings, PrepareReport()).splits
+    again = make_splits(_frame(locations, labels), split_settings, PrepareReport()).splits
     assert numeric == again  # deterministic by seed
     assert set(numeric) == set(SPLIT_NAMES)
     assigned = [pair for name in SPLIT_NAMES for pair in numeric[name]]
@@ -352,5 +352,5 @@ def test_make_splits_partitions_locations(data: tuple[list[int], list[str]], see
     for pairs in numeric.values():
         assert all(isinstance(d, str) and isinstance(loc, str) for d, loc in pairs)
     # integer locations (an old CCT file) and the same locations as strings give the same split
-    as_text = make_splits(_frame([f"{loc}" for loc in locations], labels), split_settings, PrepareReport())
+    as_text = make_splits(_frame([f"{loc}" for loc in locations], labels), split_settings, PrepareReport()).splits
     assert as_text == numeric

@@ -196,3 +196,31 @@ def test_priority_datasets_in_first_mention_order(tmp_path: Path) -> None:
         "bird": {"dataset_labels": {"a": ["bird"]}, "max_count": 5, "prioritize": [["b", "d"]]},
     }
     assert load_label_spec(write_spec(tmp_path, spec)).priority_datasets() == ["c", "a", "b", "d"]
+
+
+def test_spellings_that_differ_in_case_or_spaces_are_one_label() -> None:
+    variants = [("t1", "Striped Skunk"), ("t2", "Striped Skunk "), ("f", "fox")]
+    boxes = make_boxes([(f"s{i}", "Striped skunk") for i in range(5)] + variants)
+    report = PrepareReport()
+    out = apply_labels(boxes, "ds", LabelSettings(), report)
+    assert out["label"].value_counts().to_dict() == {"Striped skunk": 7, "fox": 1}
+    assert (out["dataset_class"] == boxes["dataset_class"]).all()  # the original category is kept
+    (fold,) = report.issues_of("labels", "label_folded")
+    assert "'Striped skunk' (5 boxes)" in fold.message and "'Striped Skunk' (1 boxes)" in fold.message
+    assert "labels.case_sensitive=true" in fold.message
+    kept = apply_labels(boxes, "ds", LabelSettings(case_sensitive=True), PrepareReport())
+    assert sorted(kept["label"].unique()) == ["Striped Skunk", "Striped Skunk ", "Striped skunk", "fox"]
+
+
+def test_folding_applies_to_mapped_labels_too() -> None:
+    boxes = make_boxes([("a", "gray fox"), ("b", "island fox"), ("c", "island fox")])
+    out = apply_labels(boxes, "ds", LabelSettings(map={"gray fox": "Fox", "island fox": "fox"}), PrepareReport())
+    assert out["label"].tolist() == ["fox", "fox", "fox"]
+
+
+def test_map_keys_that_match_no_category_are_named() -> None:
+    boxes = make_boxes([("a", "gray fox"), ("b", "bird")])
+    report = PrepareReport()
+    apply_labels(boxes, "ds", LabelSettings(map={"Gray Fox": "fox", "grey fox": "fox", "bird": "bird"}), report)
+    unmatched = report.issues_of("labels", "map_key_unmatched")
+    assert [(i.record, i.field) for i in unmatched] == [("grey fox", "labels.map")]

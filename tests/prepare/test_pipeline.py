@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -18,9 +20,11 @@ from animl_lightning.core.contract import (
     SPLIT_REPORT_FILENAME,
     SPLITS_FILENAME,
     load_prepared_dataset,
+    read_splits,
 )
 from animl_lightning.core.issues import REPORT_FILENAME
 from animl_lightning.prepare.pipeline import PrepareSummary, format_summary, run_prepare
+from tests.fixtures.cct import write_cct
 from tests.fixtures.hydra import REPO_ROOT, prepare_settings
 
 ROOT = REPO_ROOT
@@ -113,3 +117,102 @@ def test_missing_images_dir_is_named(tmp_path: Path) -> None:
     coco.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
     with pytest.raises(Exception, match="images_dir"):
         _run(f"output_dir={tmp_path / 'out'}", f"coco_file={coco}")
+
+
+def real_shape_project(root: Path) -> tuple[Path, Path]:
+    """A CCT export and its images shaped like the real data that broke the old split: one site with ~89% of the
+    images (and four species found only there), 19 cameras with one to three photos, three stations with a few
+    dozen; 'Striped skunk' and 'Striped Skunk' spelled both ways."""
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    species = ["fox", "deer", "coyote", "bobcat", "Striped skunk", "only_a", "only_b", "only_c", "only_d"]
+    plan = [("site_big", s) for s in ("only_a", "only_b", "only_c", "only_d") for _ in range(60)]
+    plan += [("site_big", "deer")] * 200 + [("site_big", "coyote")] * 150
+    for c in range(19):
+        plan += [(f"cam{c:02d}", ["deer", "coyote", "bobcat", "Striped Skunk"][c % 4])] * int(rng.integers(1, 4))
+    for station in range(3):
+        for label in ("deer", "coyote", "bobcat", "Striped skunk"):
+            plan += [(f"station{station}", label)] * int(rng.integers(2, 5))
+    pixels = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
+    for i, (location, label) in enumerate(plan):
+        name = f"{location}/img{i:04d}.jpg"
+        path = root / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=80)
+        images.append({"id": f"i{i}", "file_name": name, "location": location, "width": 32, "height": 24})
+        category = 99 if label == "Striped Skunk" else species.index(label) + 1
+        annotations.append({"id": f"a{i}", "image_id": f"i{i}", "category_id": category, "bbox": [4, 4, 16, 12]})
+    categories = [{"id": j + 1, "name": s} for j, s in enumerate(species)] + [{"id": 99, "name": "Striped Skunk"}]
+    cct = write_cct(root / "export.json", images, annotations, categories)
+    return cct, root / "images"
+
+
+def test_real_shape_prints_the_shares_and_the_warning(tmp_path: Path) -> None:
+    cct, images = real_shape_project(tmp_path / "src")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "prepare.py",
+            f"coco_file={cct}",
+            f"images_dir={images}",
+            f"output_dir={out}",
+            "crops.workers=1",
+            "split.min_locs=null",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "crop shares per split" in result.stdout and "target" in result.stdout
+    assert "WARNING: split 'val' holds" in result.stdout and "site_big" in result.stdout
+    splits = read_splits(out / SPLITS_FILENAME)
+    assert ("export", "site_big") in splits["train"]
+    report = json.loads((out / REPORT_FILENAME).read_text(encoding="utf-8"))
+    info = report["info"]["splits"]
+    assert info["dominant_groups"][0]["group"] == ["export", "site_big"]
+    assert info["labels_only_at_dominant_groups"] == ["only_a", "only_b", "only_c", "only_d"]
+    assert {"val", "test"} <= set(info["off_target"])
+    folded = [i for i in report["issues"] if i["kind"] == "label_folded"]
+    assert len(folded) == 1 and "Striped Skunk" in folded[0]["message"]
+    frame = load_prepared_dataset(out).frame
+    assert "Striped Skunk" not in set(frame["label"])
+    table = pd.read_csv(out / SPLIT_REPORT_FILENAME)
+    assert {"target_frac"} <= set(table.columns) and (table["label"] == "*").sum() == 3
+    # split.strict turns it into an error naming the cause, without a traceback
+    strict = subprocess.run(
+        [
+            sys.executable,
+            "prepare.py",
+            f"coco_file={cct}",
+            f"images_dir={images}",
+            f"output_dir={out}",
+            "split.min_locs=null",
+            "split.strict=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert strict.returncode == 2 and "split.strict=true" in strict.stderr and "site_big" in strict.stderr
+    assert "Traceback" not in strict.stderr
+
+
+def test_group_by_sequence_and_time_blocks_reach_training(tmp_path: Path) -> None:
+    out = tmp_path / "seq"
+    summary = _run(f"output_dir={out}", "crops.workers=1", "split.group_by=sequence", *SMALL_DEMO)
+    frame = load_prepared_dataset(out).frame  # train's reader maps rows to splits by split_group
+    assert {"sequence", "split_group"} <= set(frame.columns)
+    assert (frame["split_group"] == frame["sequence"]).all()
+    assert frame.groupby("split_group")["split"].nunique().max() == 1  # one burst, one split
+    assert summary.report.issues_of("splits", "split_unit_leaks_backgrounds")
+    blocks = tmp_path / "blocks"
+    _run(f"output_dir={blocks}", "crops.workers=1", "split.group_by=location_time", "split.time_block=1d", *SMALL_DEMO)
+    frame = load_prepared_dataset(blocks).frame
+    assert frame["split_group"].str.match(r"^.+@\d+$").all()
+    assert frame.groupby("split_group")["split"].nunique().max() == 1
+    info = json.loads((blocks / INFO_FILENAME).read_text(encoding="utf-8"))
+    assert info["settings"]["split"]["group_by"] == "location_time"
