@@ -13,6 +13,7 @@ and hand them to :func:`animl_lightning.train.run.fit_and_evaluate`. Errors beco
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from animl_lightning.cli import (
 )
 from animl_lightning.core.contract import read_crop_rule
 from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.files import run_lock
 from animl_lightning.train.calibration import TemperatureCalibration
 from animl_lightning.train.checkpointing import AtomicCheckpointIO, read_checkpoint
 from animl_lightning.train.classifier import CropClassifier
@@ -50,6 +52,7 @@ from animl_lightning.train.run import (
     resolve_precision,
     resolve_sync_batchnorm,
 )
+from animl_lightning.train.sweeps import process_rank
 
 log = logging.getLogger("train")
 
@@ -110,6 +113,9 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = str(cfg.paths.output_dir)
     settings = RunSettings(bool(cfg.train), bool(cfg.test), cfg.ckpt_path, str(cfg.monitor), output_dir)
     with ExitStack() as stack:
+        if process_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
+            # One process writes a run folder: a second train.py resuming into it is refused (DDP ranks are not).
+            stack.enter_context(run_lock(output_dir, "train.py"))
         stack.enter_context(ddp_children_rerun_this_job(hydra_cfg, output_dir))
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
@@ -121,10 +127,19 @@ def train(cfg: DictConfig) -> float | None:
         return fit_and_evaluate(trainer, model, datamodule, settings)
 
 
+def resume_hint(output_dir: str) -> str:
+    """After Ctrl-C: how to continue this run (a new command gets a new run folder, so it is not the same one)."""
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "interrupted before the first epoch finished; nothing to resume, run the same command to start again"
+    return f"interrupted; resume with the same command plus ckpt_path={last} hydra.run.dir={output_dir}"
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point (see the module docstring)."""
-    return run_command(lambda: train(cfg), "train.py", output_dir=cfg.paths.output_dir)
+    output_dir = str(cfg.paths.output_dir)
+    return run_command(lambda: train(cfg), "train.py", output_dir, lambda: resume_hint(output_dir))
 
 
 if __name__ == "__main__":

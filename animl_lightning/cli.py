@@ -23,6 +23,7 @@ import inspect
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,24 @@ DDP_ENV_VARIABLES: tuple[str, ...] = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
 T = TypeVar("T")
 
 
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_library_noise() -> None:
+    """Drop the library messages that tell a user nothing about their run (each checked against the installed one).
+
+    Lightning's advert for its cloud logger on every run, and the ``LeafSpec`` deprecation that Lightning's own
+    ``_pytree`` triggers on every evaluation (torch 2.10 and later).
+    """
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in target.filters):
+            target.addFilter(_NoAdverts())
+
+
 def user_error(err: BaseException) -> str | None:
     """The one-line message of an error that is the user's or the machine's, else None (a bug)."""
     if isinstance(err, InstantiationException):
@@ -89,18 +108,25 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_command(task: Callable[[], T], command: str, output_dir: str | Path | None = None) -> T | None:
+def run_command(
+    task: Callable[[], T],
+    command: str,
+    output_dir: str | Path | None = None,
+    resume_hint: Callable[[], str] | None = None,
+) -> T | None:
     """Run a command's work with the error policy of the module docstring.
 
     Args:
         task: the work.
         command: the command's name, first word of every error line (``train.py``, ``classify``, ...).
         output_dir: the job's folder, where a failed sweep job records its failure.
+        resume_hint: what to say after Ctrl-C when running the same command again is not how to resume.
     """
+    quiet_library_noise()
     try:
         return task()
     except KeyboardInterrupt:
-        print(f"{command}: {INTERRUPTED_MESSAGE}", file=sys.stderr)
+        print(f"{command}: {resume_hint() if resume_hint else INTERRUPTED_MESSAGE}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         message = user_error(err)

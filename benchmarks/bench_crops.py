@@ -55,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from animl_lightning.core.crop_rule import crop_window, draft_reduction, output_size
 from animl_lightning.core.imaging import decode_image
 from animl_lightning.core.issues import PrepareReport
-from animl_lightning.prepare.config import CropSettings, default_workers
+from animl_lightning.core.machine import usable_cores
+from animl_lightning.prepare.config import CropSettings
 from animl_lightning.prepare.crop_stage import make_crops
 
 WIDTH, HEIGHT = 2048, 1536
@@ -419,7 +420,7 @@ def measure(
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=80, help="number of generated images (default 80)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="workers for every method")
+    parser.add_argument("--workers", type=int, default=usable_cores(), help="workers for every method")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best and median are reported")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of every saved crop")
     parser.add_argument("--seed", type=int, default=0)
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     result: dict[str, object] = {
         "machine": {
             "cpus": os.cpu_count(),
-            "usable_cpus": default_workers(),
+            "usable_cpus": usable_cores(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "pillow": Image.__version__,

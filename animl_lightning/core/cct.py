@@ -41,6 +41,8 @@ UNKNOWN_LOCATION = "unknown_location"
 # up to one pixel. Such boxes are clamped and counted, not reported one by one.
 ROUNDING_TOLERANCE_PX = 1.0
 _EPS = 1e-6
+# The largest image side accepted from the file; beyond it a width or height is a corrupt field (and would overflow).
+MAX_IMAGE_SIDE = 1_000_000
 
 IMAGE_COLUMNS = ("image_id", "file_name", "location", "datetime", "seq_id", "width", "height", "s3_key")
 ANNOTATION_COLUMNS = ("annotation_id", "image_id", "category_id", "category", "x", "y", "w", "h")
@@ -219,7 +221,7 @@ def _sizes(values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     out = np.full(len(values), np.nan)
     if numeric.any():
         out[numeric] = np.asarray(_objects(values)[numeric], dtype=float)
-    good = numeric & np.isfinite(out) & (out > 0) & (out == np.floor(out))
+    good = numeric & np.isfinite(out) & (out > 0) & (out == np.floor(out)) & (out <= MAX_IMAGE_SIDE)
     out[~good] = np.nan
     present = ~_is(types, _NONE_TYPE)
     return out, present & ~good
@@ -308,7 +310,8 @@ def _parse_images(raw: list[Any], key_field: str, issues: _Issues) -> tuple[pd.D
         for i in np.flatnonzero(bad & ~skip):
             issues.add(
                 "invalid_size",
-                f"{field} must be a positive integer, got {recs[i].get(values)!r}; it is read from the image file",
+                f"{field} must be a positive integer up to {MAX_IMAGE_SIDE:,}, got {recs[i].get(values)!r}; it is "
+                "read from the image file",
                 records[i],
                 field,
                 action="ignored",

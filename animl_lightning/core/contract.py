@@ -320,7 +320,7 @@ def load_prepared_dataset(root: str | Path, check_files: bool = True) -> Prepare
                 f"truncated since prepare.py made them): {damaged[:10]}; run prepare.py again to redo them"
             )
     if problems:
-        raise DatasetError("dataset in " + str(root) + " is inconsistent:\n  - " + "\n  - ".join(problems))
+        raise DatasetError(f"dataset in {root} is inconsistent: " + "; ".join(problems))
 
     frame = frame.assign(
         split=pd.Series(split_col, index=frame.index, dtype="string"),

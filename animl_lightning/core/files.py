@@ -16,7 +16,7 @@ import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import filelock
 
@@ -109,13 +109,17 @@ def run_lock(folder: str | Path, command: str) -> Iterator[Path]:
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing and rename it into place on success.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched. An OSError that does not say
+    which file it is about (a write or flush on a full disk) is raised again naming ``path``.
     """
     if mode not in {"w", "wb"}:
         raise DataError(f"atomic_write supports modes 'w' and 'wb', got {mode!r}")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARKER}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARKER}")
+    except OSError as err:
+        _raise_naming(err, target)
     tmp = Path(tmp_name)
     try:
         encoding = None if "b" in mode else "utf-8"
@@ -127,9 +131,19 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         # mkstemp creates 0600 files; crops and tables are meant to be shared like any other output.
         tmp.chmod(0o644)
         tmp.replace(target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        _raise_naming(err, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _raise_naming(err: OSError, target: Path) -> NoReturn:
+    """Raise ``err``, naming ``target`` when it names no file (so the one-line message says where the disk is full)."""
+    if err.filename is not None or err.errno is None:
+        raise err
+    raise OSError(err.errno, err.strerror, str(target)) from err
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

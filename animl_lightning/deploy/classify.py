@@ -450,6 +450,7 @@ def run_metadata(loaded: LoadedClassifier, settings: ClassifySettings) -> dict[s
     return {
         "model_name": loaded.model_name,
         "checkpoint": loaded.checkpoint_path.name,
+        "checkpoint_sha256": loaded.checkpoint_sha256,
         "temperature": loaded.temperature,
         "detection_threshold": settings.threshold,
         "detection_category": settings.category,

@@ -96,14 +96,26 @@ def _example_input(loaded: LoadedClassifier, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, channels, height, width, generator=generator)
 
 
+# Loggers of the ONNX exporter's graph passes, which report each pass's bookkeeping at INFO.
+_EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
+
+
 @contextlib.contextmanager
 def _quiet_exporters() -> Iterator[None]:
-    """Silence torch's deprecation chatter about the exporters, which says nothing about this model."""
+    """Silence the exporters' chatter (deprecations, graph-pass bookkeeping), which says nothing about this model."""
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=TracerWarning)
-        yield
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 def onnx_bytes(loaded: LoadedClassifier, dynamic_size: bool | None = None) -> tuple[bytes, bool]:

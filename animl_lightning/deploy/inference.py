@@ -64,6 +64,7 @@ class LoadedClassifier:
     temperature: float
     device: torch.device
     checkpoint_path: Path
+    checkpoint_sha256: str = ""
     calibration: dict[str, Any] | None = None
     thresholds: dict[str, Any] | None = None
 
@@ -114,6 +115,7 @@ def load_classifier(
         temperature=contents.temperature if apply_calibration else 1.0,
         device=resolved,
         checkpoint_path=contents.path,
+        checkpoint_sha256=contents.sha256,
         calibration=contents.calibration,
         thresholds=contents.thresholds,
     )

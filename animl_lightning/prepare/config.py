@@ -8,12 +8,12 @@ objects can be built by hand in a notebook.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from animl_lightning.core.crop_rule import CROP_STRATEGIES
 from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.machine import usable_cores
 
 SPLIT_METHODS = ("random", "smallest_first")
 GROUP_UNITS = ("location", "sequence", "location_time")
@@ -22,14 +22,6 @@ GROUP_UNITS = ("location", "sequence", "location_time")
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
-
-
-def default_workers() -> int:
-    """Worker processes for CPU-bound stages: every core this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -81,7 +73,7 @@ class CropSettings:
     @property
     def resolved_workers(self) -> int:
         """``workers``, or every usable core when it is unset."""
-        return self.workers if self.workers is not None else default_workers()
+        return self.workers if self.workers is not None else usable_cores()
 
     def __post_init__(self) -> None:
         _require(

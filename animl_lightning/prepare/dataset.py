@@ -75,9 +75,15 @@ def build_dataset_frame(
         report.set_count(STAGE, "crop_failed_dropped", int((~ok).sum()))
     kept = boxes.loc[ok]
     if kept.empty:
+        causes = [
+            f"{stage}: {n} {kind}"
+            for stage, kinds in report.issue_summary().items()
+            if stage in ("images", "crops")
+            for kind, n in sorted(kinds.items(), key=lambda item: -item[1])
+        ]
         raise EmptyDatasetError(
-            f"dataset {dataset!r}: none of the {len(boxes)} labelled boxes has a crop (crop_ok is False for all); "
-            "see the crops stage in prepare_report.json"
+            f"dataset {dataset!r}: none of the {len(boxes)} labelled boxes has a crop, because of "
+            f"{'; '.join(causes[:4]) or 'the crops stage'} (every record is in prepare_report.json)"
         )
 
     frame = pd.DataFrame(

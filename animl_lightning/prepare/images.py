@@ -43,6 +43,10 @@ from animl_lightning.prepare.config import S3Settings
 log = logging.getLogger(__name__)
 
 STAGE = "images"
+# Downloads whose outcome decides an early stop: when all of them fail for one network reason, the rest would too.
+EARLY_STOP_AFTER = 8
+# Without a terminal for the progress bar, a progress line this often (seconds).
+PROGRESS_EVERY_S = 10.0
 _CHUNK = 1 << 20
 _T = TypeVar("_T")
 
@@ -162,6 +166,29 @@ def is_transient(err: BaseException) -> bool:
     )
 
 
+def network_failure(err: BaseException) -> str | None:
+    """The network reason an S3 request failed (refused, DNS, connect or read timeout, dropped), else None."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ProxyConnectionError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(err, ConnectTimeoutError):
+        return "connect timeout"
+    if isinstance(err, ReadTimeoutError):
+        return "read timeout (the endpoint accepted the connection but never answered)"
+    if isinstance(err, ProxyConnectionError):
+        return "cannot reach the proxy"
+    if isinstance(err, EndpointConnectionError):
+        return "cannot connect (refused, or the host name does not resolve)"
+    if isinstance(err, ConnectionClosedError):
+        return "connection closed by the endpoint"
+    return None
+
+
 def _is_fatal(err: BaseException) -> bool:
     from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
@@ -222,7 +249,7 @@ def _fetch(client: Any, bucket: str, key: str, path: Path, policy: RetryPolicy) 
     return "downloaded"
 
 
-def _client(s3: S3Settings) -> Any:
+def _client(s3: S3Settings, attempts: int | None = None) -> Any:
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError
@@ -234,7 +261,7 @@ def _client(s3: S3Settings) -> Any:
             endpoint_url=s3.endpoint_url,
             config=Config(
                 # total_max_attempts counts the first request too, so s3.max_attempts is tries per request.
-                retries={"total_max_attempts": s3.max_attempts, "mode": "adaptive"},
+                retries={"total_max_attempts": attempts or s3.max_attempts, "mode": "adaptive"},
                 connect_timeout=s3.connect_timeout,
                 read_timeout=s3.read_timeout,
                 max_pool_connections=max(10, s3.workers),
@@ -242,6 +269,31 @@ def _client(s3: S3Settings) -> Any:
         )
     except BotoCoreError as err:  # e.g. ProfileNotFound; the message names the profile, never a secret
         raise ImagesError(f"s3: cannot create the S3 client: {err}") from err
+
+
+def _where(s3: S3Settings) -> str:
+    """The endpoint and the timeouts in force, for messages (never credentials)."""
+    endpoint = s3.endpoint_url or f"AWS S3 ({s3.region or 'default region'})"
+    return (
+        f"{endpoint} (s3.connect_timeout={s3.connect_timeout:g}s, s3.read_timeout={s3.read_timeout:g}s, "
+        f"s3.max_attempts={s3.max_attempts})"
+    )
+
+
+def probe_endpoint(s3: S3Settings) -> None:
+    """One request to the bucket, tried once, before hundreds of downloads wait on an endpoint that is not there.
+
+    Raises:
+        ImagesError: the endpoint cannot be reached (refused, DNS, timeouts), naming it, the reason and the timeouts.
+            Any answer, an access error included, means the endpoint is there and the downloads go ahead.
+    """
+    try:
+        _client(s3, attempts=1).head_bucket(Bucket=s3.bucket)
+    except Exception as err:
+        reason = network_failure(err)
+        if reason is not None:
+            message = f"s3: cannot reach {_where(s3)}: {reason}; check s3.endpoint_url and the network"
+            raise ImagesError(message) from err
 
 
 def _paths(images: pd.DataFrame, images_dir: Path, report: PrepareReport) -> list[Path | None]:
@@ -331,10 +383,14 @@ def _download_all(
     if not tasks:
         return available
 
+    log.info("images: %d images to check or download from s3://%s at %s", len(tasks), bucket, _where(s3))
+    probe_endpoint(s3)
     client = _client(s3)
     counts = {"downloaded": 0, "present": 0, "present_unverified": 0, "failed": 0}
     window = max(1, s3.workers) * 4
     progress = tqdm(total=len(tasks), unit="img", desc="images", disable=not sys.stderr.isatty())
+    first_reasons: list[str | None] = []
+    last_log = [time.monotonic()]
 
     def settle(future: Future[str], row: int, key: str) -> None:
         try:
@@ -342,6 +398,13 @@ def _download_all(
         except Exception as err:
             if _is_fatal(err):
                 raise _FatalError(f"s3://{bucket}: {err}") from err
+            if len(first_reasons) < EARLY_STOP_AFTER:
+                first_reasons.append(network_failure(err))
+                decided = len(first_reasons) == min(EARLY_STOP_AFTER, len(tasks))
+                if decided and len(set(first_reasons)) == 1 and first_reasons[0] is not None:
+                    raise _FatalError(
+                        f"the first {len(first_reasons)} downloads from {_where(s3)} all failed: {first_reasons[0]}"
+                    ) from err
             code, status_code = _error_code(err)
             reason = code or type(err).__name__
             report.add(
@@ -357,7 +420,13 @@ def _download_all(
         else:
             counts[status] += 1
             available[row] = True
+            if len(first_reasons) < EARLY_STOP_AFTER:
+                first_reasons.append("ok")
         progress.update(1)
+        if progress.disable and time.monotonic() - last_log[0] >= PROGRESS_EVERY_S:
+            last_log[0] = time.monotonic()
+            done = sum(counts.values())
+            log.info("images: %d/%d done (%d failed so far)", done, len(tasks), counts["failed"])
 
     pending: dict[Future[str], tuple[int, str]] = {}
     try:
@@ -377,7 +446,7 @@ def _download_all(
                     future.cancel()
                 raise
     except _FatalError as err:
-        raise ImagesError(f"s3: {err} (check s3.bucket, s3.profile and the AWS credentials)") from err
+        raise ImagesError(f"s3: {err} (check s3.endpoint_url, s3.bucket, s3.profile and the credentials)") from err
     finally:
         progress.close()
     for name, value in counts.items():

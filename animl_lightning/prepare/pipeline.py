@@ -94,8 +94,25 @@ def run_prepare(settings: PrepareSettings) -> PrepareSummary:
 
     Holds the output folder's lock for the whole run: a second ``prepare.py`` on the same folder is refused.
     """
-    with run_lock(settings.output_dir, "prepare.py") as output_dir:
+    with run_lock(settings.output_dir, "prepare.py") as output_dir, run_log(output_dir):
         return _run_prepare(settings, output_dir)
+
+
+@contextmanager
+def run_log(output_dir: Path) -> Iterator[Path]:
+    """Copy this run's log lines (INFO and up) to ``<output_dir>/logs/prepare_<date>_<time>.log``."""
+    path = output_dir / "logs" / f"prepare_{time.strftime('%Y-%m-%d_%H-%M-%S')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:

@@ -23,6 +23,8 @@ callback without a monitor keeps its latest save, which is what ``last.ckpt`` mu
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import math
 import pickle
@@ -43,7 +45,7 @@ from typing_extensions import override
 
 from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.errors import AnimlError, ConfigError
-from animl_lightning.core.files import atomic_write
+from animl_lightning.core.files import atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class CheckpointContents:
 
     path: Path
     raw: dict[str, Any]
+    sha256: str = ""
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -169,13 +172,21 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     names = hparams["class_names"]
     if not isinstance(names, list | tuple) or len(names) < 2:
         raise CheckpointError(f"checkpoint {source}: hyper_parameters.class_names must list 2 or more labels")
-    contents = CheckpointContents(path=source, raw=raw)
+    contents = CheckpointContents(path=source, raw=raw, sha256=_file_sha256(source))
     try:
         contents.crop_rule  # noqa: B018 (validates the stored rule)
     except AnimlError as err:
         raise CheckpointError(f"checkpoint {source}: hyper_parameters crop rule: {err}") from err
     contents.temperature  # noqa: B018 (validates the stored temperature)
     return contents
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temperature_of(checkpoint: Mapping[str, Any], source: Path | str = "checkpoint") -> float:
@@ -198,8 +209,9 @@ def update_checkpoint(path: str | Path, key: str, record: Mapping[str, Any]) -> 
     """Store ``record`` under the top-level ``key`` of a saved checkpoint (an atomic rewrite of the file)."""
     contents = read_checkpoint(path)
     contents.raw[key] = dict(record)
-    with atomic_write(contents.path, "wb") as handle:
-        torch.save(contents.raw, handle)
+    buffer = io.BytesIO()
+    torch.save(contents.raw, buffer)
+    atomic_write_bytes(contents.path, buffer.getvalue())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -209,8 +221,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
-        with atomic_write(Path(path), "wb") as handle:
-            torch.save(checkpoint, handle)
+        # Serialised in memory first (as Lightning's own writer does): torch.save into a file that hits a full disk
+        # fails with an opaque RuntimeError, a plain write with the OSError that names the cause.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -239,6 +239,8 @@ class CropClassifier(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        # Lets Lightning's model summary count the FLOPs of one crop (it prints 0 without an example input).
+        self.example_input_array = torch.zeros(1, *self.data_config["input_size"])
         # setup runs before the move to the device; the memory format survives the later ``.to(device)``.
         if self.hparams["channels_last"] and self.trainer.strategy.root_device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)

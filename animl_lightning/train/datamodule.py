@@ -24,6 +24,7 @@ from typing_extensions import override
 from animl_lightning.core.contract import SPLIT_NAMES, PreparedDataset, load_prepared_dataset
 from animl_lightning.core.crop_rule import EvalTransform
 from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.machine import usable_cores
 from animl_lightning.train.sampling import (
     DistributedWeightedSampler,
     UnpaddedDistributedSampler,
@@ -193,12 +194,12 @@ class CropDataModule(LightningDataModule):
         data_dir: str,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         label_weighted: bool = True,
         weight_by_confidence: bool = False,
         image_size: int | None = None,
         pin_memory: bool = True,
-        persistent_workers: bool = True,
+        persistent_workers: bool = False,
         drop_last: bool = True,
         crop_scale_min: float = 0.25,
         hflip_prob: float = 0.5,
@@ -212,12 +213,14 @@ class CropDataModule(LightningDataModule):
             data_dir: ``prepare.py`` output folder.
             batch_size: training batch size (per device).
             eval_batch_size: batch size of the val/test/eval loaders; None = ``batch_size``.
-            num_workers: loader worker processes.
+            num_workers: loader worker processes; None = every core this process may use (at most 8).
             label_weighted: draw training crops so each label has equal total weight.
             weight_by_confidence: multiply each crop's sampling weight by its box confidence.
             image_size: square input size overriding the model's default; None = the model's.
             pin_memory: pin host memory (only used with CUDA).
-            persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
+            persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``). Off by default: a
+                resumed run is then exact (each epoch's workers are seeded from the restored generators); kept-alive
+                workers carry random state across epochs that a checkpoint cannot hold.
             drop_last: drop the last incomplete training batch (a batch of 1 breaks BatchNorm).
             crop_scale_min: smallest area fraction kept by the random resized crop.
             hflip_prob: horizontal flip probability.
@@ -232,8 +235,8 @@ class CropDataModule(LightningDataModule):
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         if eval_batch_size is not None and eval_batch_size < 1:
             raise ConfigError(f"data.eval_batch_size must be null or >= 1, got {eval_batch_size}")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        if num_workers is not None and num_workers < 0:
+            raise ConfigError(f"data.num_workers must be null or >= 0, got {num_workers}")
         if image_size is not None and image_size < 8:
             raise ConfigError(f"data.image_size must be null or >= 8, got {image_size}")
         if not 0.0 < crop_scale_min <= 1.0:
@@ -246,7 +249,8 @@ class CropDataModule(LightningDataModule):
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
-        self.num_workers = num_workers
+        # Every usable core, at most 8: more workers than cores only adds contention (and PyTorch's warning).
+        self.num_workers = min(8, usable_cores()) if num_workers is None else num_workers
         self.label_weighted = label_weighted
         self.weight_by_confidence = weight_by_confidence
         self.image_size = image_size

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.files import remove_stale_temporaries
 from animl_lightning.train.checkpointing import CheckpointContents, CheckpointError, read_checkpoint
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.datamodule import CropDataModule
@@ -110,6 +111,11 @@ def fit_and_evaluate(
     """Fit (unless ``train=false``), evaluate every split on the best checkpoint, write the tables and
     ``results.json``, print the tables; return the monitored metric (for sweepers).
     """
+    if trainer.is_global_zero:
+        # A save killed mid-write leaves its temporary beside the checkpoints; the checkpoints themselves are whole.
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+                remove_stale_temporaries(callback.dirpath)
     eval_ckpt: str | None = None
     if settings.train:
         with _interrupt_as_keyboard_interrupt(trainer):

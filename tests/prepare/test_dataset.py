@@ -83,8 +83,14 @@ def test_min_locs_removing_everything_is_a_clear_error() -> None:
     with pytest.raises(EmptyDatasetError, match="min_locs=5"):
         build_dataset_frame(labelled_boxes(), "island", 5, PrepareReport())
     boxes = labelled_boxes().assign(crop_ok=False)
-    with pytest.raises(EmptyDatasetError, match="crop_ok"):
+    with pytest.raises(EmptyDatasetError, match="none of the 7 labelled boxes has a crop"):
         build_dataset_frame(boxes, "island", None, PrepareReport())
+    # The message names the cause the earlier stages recorded, not only the symptom.
+    report = PrepareReport()
+    for _ in range(7):
+        report.add("images", "download_failed", "s3://bucket/key: ReadTimeoutError")
+    with pytest.raises(EmptyDatasetError, match="because of images: 7 download_failed"):
+        build_dataset_frame(boxes, "island", None, report)
     with pytest.raises(ValueError, match="label"):
         build_dataset_frame(labelled_boxes().drop(columns="label"), "island", None, PrepareReport())
 
