@@ -23,7 +23,7 @@ from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.run import resolve_precision
 from animl_lightning.train.scores import OVERALL_COLUMNS, PER_LABEL_COLUMNS
 from tests.fixtures.datasets import make_prepared_dataset
-from tests.fixtures.hydra import REPO_ROOT, compose_train
+from tests.fixtures.hydra import FAST_OVERRIDES, REPO_ROOT, compose_config, compose_train
 
 LABELS = ["bird", "fox", "skunk"]
 SPLITS = ["train", "val", "test"]
@@ -251,3 +251,25 @@ def test_crop_rule_from_prepare_info(tmp_path: Path) -> None:
     (tmp_path / "prepare_info.json").write_text(json.dumps({"crops": {"strategy": "pad", "max_size": "big"}}))
     with pytest.raises(DatasetError, match=r"crops\.max_size"):
         read_crop_rule(tmp_path)
+
+
+def test_evaluating_a_checkpoint_finds_its_dataset_by_itself(
+    fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path
+) -> None:
+    output, _ = fitted
+    best = output / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=True)["hyper_parameters"]["data_dir"] == str(data_dir.resolve())
+    # data_dir not given: the checkpoint's own dataset, not the default data/demo
+    cfg = compose_config(
+        "train",
+        [
+            f"paths.output_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path}",
+            *FAST_OVERRIDES,
+            "train=false",
+            f"ckpt_path={best}",
+        ],
+    )
+    assert cfg.data_dir == "data/demo"
+    train_script.train(cfg)
+    assert pd.read_csv(tmp_path / "metrics" / "per_label.csv").equals(pd.read_csv(output / "metrics" / "per_label.csv"))
