@@ -29,6 +29,7 @@ def classify(cfg: DictConfig) -> ClassifySummary:
         threshold=float(cfg.detections.threshold),
         category=str(cfg.detections.category),
         resume=bool(cfg.resume),
+        backend=str(cfg.backend),
         **OmegaConf.to_container(cfg.classify, resolve=True),  # type: ignore[arg-type]
     )
     summary = run_classify(

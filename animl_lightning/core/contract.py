@@ -107,9 +107,7 @@ def write_splits(splits: Mapping[str, Iterable[Sequence[str]]], path: str | Path
     unknown = set(splits) - set(SPLIT_NAMES)
     if unknown:
         raise DatasetError(f"unknown split names {sorted(unknown)}; expected {list(SPLIT_NAMES)}")
-    payload = {
-        name: sorted([str(pair[0]), str(pair[1])] for pair in splits.get(name, [])) for name in SPLIT_NAMES
-    }
+    payload = {name: sorted([str(pair[0]), str(pair[1])] for pair in splits.get(name, [])) for name in SPLIT_NAMES}
     _check_disjoint({k: [tuple(p) for p in v] for k, v in payload.items()}, str(path))  # type: ignore[misc]
     atomic_write_json(path, payload)
 
@@ -280,9 +278,7 @@ def load_prepared_dataset(root: str | Path, check_files: bool = True) -> Prepare
     label_to_idx = {label: i for i, label in enumerate(labels)}
     unknown_labels = sorted(set(frame["label"].astype(str)) - set(label_to_idx))
     if unknown_labels:
-        problems.append(
-            f"{csv_path}: labels {unknown_labels[:10]} are not in {root / LABEL_INDEX_FILENAME} ({labels})"
-        )
+        problems.append(f"{csv_path}: labels {unknown_labels[:10]} are not in {root / LABEL_INDEX_FILENAME} ({labels})")
 
     location_to_split: dict[LocationKey, str] = {}
     for name, pairs in splits.items():

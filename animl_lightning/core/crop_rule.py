@@ -427,8 +427,6 @@ def encode_crop(pixels: np.ndarray, quality: int) -> bytes:
     return data
 
 
-
-
 # --- the model's preprocessing ------------------------------------------------------------------------------------
 
 _INTERPOLATIONS = {

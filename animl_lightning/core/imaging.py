@@ -71,7 +71,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-
 def rgbx(image: Image.Image) -> np.ndarray:
     """Any PIL image as ``(h, w, 4)`` uint8 ``RGBX`` (see :func:`to_rgb`), the layout crops are rendered from."""
     return np.asarray(to_rgb(image).convert("RGBX"))
@@ -281,5 +280,3 @@ def load_image(path: Path) -> Image.Image:
         ImageLoadError: see :func:`decode_image`.
     """
     return decode_image(path).image
-
-

@@ -90,11 +90,7 @@ class PrepareReport:
     def issues_of(self, stage: str | None = None, kind: str | None = None) -> list[Issue]:
         """Issues filtered by stage and/or kind."""
         with self._lock:
-            return [
-                i
-                for i in self.issues
-                if (stage is None or i.stage == stage) and (kind is None or i.kind == kind)
-            ]
+            return [i for i in self.issues if (stage is None or i.stage == stage) and (kind is None or i.kind == kind)]
 
     def issue_summary(self) -> dict[str, dict[str, int]]:
         """Number of issues per stage and kind."""

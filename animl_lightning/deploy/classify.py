@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from numpy.typing import NDArray
 
 from animl_lightning.core.cct import CctError, load_cct
@@ -53,14 +54,18 @@ from animl_lightning.deploy.inference import (
     IMAGE_ERROR_PREFIX,
     CropRequests,
     LoadedClassifier,
+    Predictor,
     classify_requests,
     load_classifier,
     top_k,
 )
+from animl_lightning.deploy.onnx_runtime import OnnxClassifier, onnxruntime_available
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1.4"
+# The MegaDetector results format written (the current one); 1.6 needs it as a string.
+FORMAT_VERSION = "1.6"
+BACKENDS = ("auto", "torch", "onnxruntime")
 FAILURE_PREFIX = "classification failed: "
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # A CCT or crops-folder input has no detector categories of its own; its boxes become this category.
@@ -83,9 +88,11 @@ class ClassifySettings:
     top_k: int = 3
     save_interval_s: float = 300.0
     resume: bool = True
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         checks = (
+            (self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}"),
             (0.0 <= self.threshold <= 1.0, "detections.threshold", f"must be in [0, 1], got {self.threshold}"),
             (bool(self.category), "detections.category", "must not be empty"),
             (0.0 <= self.min_conf <= 1.0, "classify.min_conf", f"must be in [0, 1], got {self.min_conf}"),
@@ -289,12 +296,14 @@ class _Job:
         previous: dict[str, Any] | None,
         previous_rows: pd.DataFrame | None,
         want_csv: bool,
+        backend: str,
     ) -> None:
         self.loaded = loaded
         self.want_csv = want_csv
         self.settings = settings
         self.output = copy.deepcopy(results)
         self.summary = ClassifySummary(images=len(self.output["images"]))
+        self.failed_images: set[int] = set()
         self.rows: dict[tuple[int, int], dict[str, Any]] = {}
         categories = self.output["detection_categories"]
         animal_ids = {str(k) for k, v in categories.items() if v == settings.category}
@@ -304,7 +313,9 @@ class _Job:
             )
         self.output["classification_categories"] = {str(i): name for i, name in enumerate(loaded.class_names)}
         info = self.output.setdefault("info", {})
-        info["classifier_metadata"] = dict(info.get("classifier_metadata") or {}) | run_metadata(loaded, settings)
+        info["classifier_metadata"] = dict(info.get("classifier_metadata") or {}) | run_metadata(
+            loaded, settings, backend
+        )
         previous_images = {}
         if previous is not None:
             previous_images = {img.get("file"): img for img in previous.get("images", []) if isinstance(img, dict)}
@@ -371,6 +382,8 @@ class _Job:
         if "failure" not in image:
             image["failure"] = FAILURE_PREFIX + message
             self.summary.images_failed += 1
+            # MegaDetector's format: an image that failed has detections null (they are written so, see write()).
+            self.failed_images.add(i)
         for j in detections:
             self._row(i, j, failure=message)
             self.summary.detections_failed += 1
@@ -436,19 +449,76 @@ class _Job:
         return pd.DataFrame(rows, columns=columns)
 
     def write(self, output_file: Path, output_csv: Path | None, partial_info: bool) -> None:
-        """Write the output JSON (and CSV) atomically."""
+        """Write the output JSON (and CSV) atomically; an image that failed has ``detections: null``."""
         if partial_info:
             self.output.setdefault("info", {}).pop("classification_completion_time", None)
-        atomic_write_json(output_file, self.output)
+        images = [
+            {**image, "detections": None} if i in self.failed_images else image
+            for i, image in enumerate(self.output["images"])
+        ]
+        atomic_write_json(output_file, {**self.output, "images": images})
         if output_csv is not None:
             with atomic_write(output_csv, "w") as handle:
                 self.csv_frame().to_csv(handle, index=False, lineterminator="\n")
 
 
-def run_metadata(loaded: LoadedClassifier, settings: ClassifySettings) -> dict[str, Any]:
+def resolve_backend(backend: str, loaded: LoadedClassifier) -> str:
+    """``auto``: ONNX Runtime on the CPU when it is installed, PyTorch otherwise and on CUDA.
+
+    Raises:
+        ConfigError: ``onnxruntime`` asked for on a CUDA device, or when it is not installed.
+    """
+    on_cpu = loaded.device.type == "cpu"
+    if backend == "auto":
+        return "onnxruntime" if on_cpu and onnxruntime_available() else "torch"
+    if backend == "onnxruntime" and not on_cpu:
+        raise ConfigError(f"backend=onnxruntime runs on the CPU; use device=cpu or backend=torch (not {loaded.device})")
+    if backend == "onnxruntime" and not onnxruntime_available():
+        raise ConfigError("backend=onnxruntime: ONNX Runtime is not installed (pip install -e '.[deploy]')")
+    return backend
+
+
+def make_predictor(loaded: LoadedClassifier, backend: str) -> Predictor:
+    """Model inputs -> calibrated probabilities, on ``backend`` (``torch`` or ``onnxruntime``, resolved).
+
+    PyTorch runs the model in channels-last memory format (several times faster for convolutions on the CPU);
+    ONNX Runtime runs the model exported in memory (:func:`animl_lightning.deploy.export.onnx_bytes`).
+    """
+    if backend == "onnxruntime":
+        from animl_lightning.deploy.export import INPUT_NAME, onnx_bytes
+
+        started = time.perf_counter()
+        exported, _ = onnx_bytes(loaded)
+        log.info("exported the model to ONNX for ONNX Runtime in %.1f s", time.perf_counter() - started)
+        return OnnxClassifier(exported, INPUT_NAME)
+    network = loaded.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def predict(images: NDArray[np.float32]) -> NDArray[np.float32]:
+        batch = torch.from_numpy(images).to(loaded.device, non_blocking=True)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            logits = network(batch)
+        return torch.softmax(logits.float() / loaded.temperature, dim=-1).cpu().numpy()
+
+    return predict
+
+
+def typical_threshold(loaded: LoadedClassifier) -> float | None:
+    """Timelapse's ``typical_classification_threshold``: the median of the per-label thresholds chosen on val.
+
+    None when the checkpoint has no thresholds (Timelapse then uses its default, 0.5).
+    """
+    per_label = (loaded.thresholds or {}).get("per_label") or {}
+    values = [float(v) for v in per_label.values() if v is not None]
+    return round(float(np.median(values)), 4) if values else None
+
+
+def run_metadata(loaded: LoadedClassifier, settings: ClassifySettings, backend: str) -> dict[str, Any]:
     """What decides the classifications of a run (``info.classifier_metadata``); a rerun resumes only if equal."""
-    return {
+    typical = typical_threshold(loaded)
+    return ({} if typical is None else {"typical_classification_threshold": typical}) | {
         "model_name": loaded.model_name,
+        "backend": backend,
         "checkpoint": loaded.checkpoint_path.name,
         "checkpoint_sha256": loaded.checkpoint_sha256,
         "temperature": loaded.temperature,
@@ -468,7 +538,7 @@ def _index_rows(rows: pd.DataFrame | None) -> dict[tuple[str, int], dict[str, An
 
 
 def _load_previous(
-    output_file: Path, output_csv: Path | None, loaded: LoadedClassifier, settings: ClassifySettings
+    output_file: Path, output_csv: Path | None, loaded: LoadedClassifier, settings: ClassifySettings, backend: str
 ) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
     if not output_file.is_file():
         return None, None
@@ -485,7 +555,7 @@ def _load_previous(
             "classification_categories differ); choose another output_file, delete it, or set resume=false"
         )
     metadata = (previous.get("info") or {}).get("classifier_metadata") or {}
-    current = run_metadata(loaded, settings)
+    current = run_metadata(loaded, settings, backend)
     changed = {k: (metadata.get(k), v) for k, v in current.items() if metadata.get(k) != v}
     if changed:
         log.warning("%s was written with other settings %s; classifying every image again", output_file, changed)
@@ -523,22 +593,25 @@ def classify_detections(
     settings = settings or ClassifySettings()
     output_path = Path(output_file)
     csv_path = None if output_csv is None else Path(output_csv)
+    backend = resolve_backend(settings.backend, loaded)
     previous, previous_rows = (None, None)
     if settings.resume:
-        previous, previous_rows = _load_previous(output_path, csv_path, loaded, settings)
-    job = _Job(loaded, results, Path(images_dir), settings, previous, previous_rows, csv_path is not None)
+        previous, previous_rows = _load_previous(output_path, csv_path, loaded, settings, backend)
+    job = _Job(loaded, results, Path(images_dir), settings, previous, previous_rows, csv_path is not None, backend)
     name = classifier_name or f"{loaded.model_name}/{loaded.checkpoint_path.name}"
     log.info(
-        "%d images, %d detections to classify (%d kept from a previous run) with %s on %s",
+        "%d images, %d detections to classify (%d kept from a previous run) with %s on %s (%s)",
         job.summary.images,
         len(job.requests),
         job.summary.detections_resumed,
         name,
         loaded.device,
+        backend,
     )
+    predict = make_predictor(loaded, backend) if len(job.requests) else None
     started = time.perf_counter()
     last_save = time.monotonic()
-    for batch in _batches(loaded, job.requests, settings):
+    for batch in _batches(loaded, predict, job.requests, settings):
         for row, request in enumerate(batch.indices):
             job.apply(int(request), batch.probabilities[row], batch.errors[row])
         if time.monotonic() - last_save >= settings.save_interval_s:
@@ -554,10 +627,11 @@ def classify_detections(
     return job.summary
 
 
-def _batches(loaded: LoadedClassifier, requests: CropRequests, settings: ClassifySettings) -> Iterator[Any]:
-    def predict(images: NDArray[np.float32]) -> NDArray[np.float32]:
-        return loaded.probabilities(images).numpy()
-
+def _batches(
+    loaded: LoadedClassifier, predict: Predictor | None, requests: CropRequests, settings: ClassifySettings
+) -> Iterator[Any]:
+    if predict is None:
+        return
     yield from classify_requests(
         predict,
         requests,
@@ -565,7 +639,6 @@ def _batches(loaded: LoadedClassifier, requests: CropRequests, settings: Classif
         loaded.crop_rule,
         batch_size=settings.batch_size,
         num_workers=settings.num_workers,
-        pin_memory=loaded.device.type == "cuda",
     )
 
 

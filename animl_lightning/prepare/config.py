@@ -247,9 +247,7 @@ class PrepareSettings:
                 "must be set when coco_file is set (the folder that holds, or receives, the full-size images)",
             )
         if self.detections_file is not None:
-            _require(
-                Path(self.detections_file).is_file(), "detections_file", f"{self.detections_file} does not exist"
-            )
+            _require(Path(self.detections_file).is_file(), "detections_file", f"{self.detections_file} does not exist")
         if self.labels.spec_file is not None:
             _require(
                 Path(self.labels.spec_file).is_file(), "labels.spec_file", f"{self.labels.spec_file} does not exist"

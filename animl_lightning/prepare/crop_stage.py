@@ -67,8 +67,6 @@ def _save_crop(data: bytes, path: Path) -> None:
         raise
 
 
-
-
 @dataclass(frozen=True)
 class _CropJob:
     row: int

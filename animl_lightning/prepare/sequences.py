@@ -66,8 +66,12 @@ def sequence_keys(frame: pd.DataFrame, max_gap_s: float) -> pd.Series:
     timed = (seq_id == "").to_numpy()
     seconds = wall_clock_seconds(images["datetime"])
     order = np.lexsort(
-        (images["image_id"].astype(str).to_numpy(), seconds, images["location"].astype(str).to_numpy(),
-         images["dataset"].astype(str).to_numpy())
+        (
+            images["image_id"].astype(str).to_numpy(),
+            seconds,
+            images["location"].astype(str).to_numpy(),
+            images["dataset"].astype(str).to_numpy(),
+        )
     )
     order = order[timed[order]]
     if len(order):

@@ -45,7 +45,7 @@ def phase_of(path: Path) -> str | None:
 
 
 def test_every_module_is_in_a_phase_or_is_an_edge() -> None:
-    loose = sorted(p.name for p in PACKAGE.glob("*.py")) 
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert set(loose) <= HYDRA_EDGE | {"__init__.py"}, loose
 
 

@@ -59,7 +59,7 @@ def test_megadetector_file_gets_classifications(loaded: LoadedClassifier, tmp_pa
     summary = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, SETTINGS)
     result = _read(output)
 
-    assert result["info"]["format_version"] == "1.4"
+    assert result["info"]["format_version"] == "1.6"  # MegaDetector's current output format
     assert result["info"]["classifier"] == "test_efficientnet/best.ckpt"
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", result["info"]["classification_completion_time"])
     assert result["info"]["detector"] == "md_v5a.0.0.pt"
@@ -69,7 +69,8 @@ def test_megadetector_file_gets_classifications(loaded: LoadedClassifier, tmp_pa
 
     for i, (before, after) in enumerate(zip(original["images"], result["images"], strict=True)):
         assert after["file"] == before["file"]
-        if before["detections"] is None:
+        if before["detections"] is None or "failure" in after:
+            # MegaDetector's validator rejects a failed image that keeps detections.
             assert after["detections"] is None
             continue
         for j, (det_before, det_after) in enumerate(zip(before["detections"], after["detections"], strict=True)):
@@ -415,3 +416,51 @@ def test_a_zero_width_box_fails_that_detection_only(loaded: LoadedClassifier, tm
     assert "classifications" not in first[0]
     assert first[3]["classifications"]  # the other animal box of the same image is still classified
     assert any(f["file"] == "cam1/a.jpg" and f["detection"] == 0 for f in summary.failures)
+
+
+def test_output_with_failures_passes_megadetectors_validator_and_names_a_typical_threshold(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    validator = pytest.importorskip("megadetector.postprocessing.validate_batch_results")
+    from animl_lightning.train.checkpointing import THRESHOLDS_KEY, update_checkpoint
+
+    with_thresholds = tmp_path / "thresholds.ckpt"
+    with_thresholds.write_bytes(checkpoint.read_bytes())
+    update_checkpoint(with_thresholds, THRESHOLDS_KEY, {"per_label": {"deer": 0.6, "fox": 0.8, "bird": 0.7}})
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    output = tmp_path / "classified.json"
+    loaded = load_classifier(with_thresholds, device="cpu")
+    summary = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, SETTINGS)
+    assert summary.images_failed == 2  # the missing and the corrupt image
+
+    options = validator.ValidateBatchResultsOptions()
+    results = validator.validate_batch_results(str(output), options)["validation_results"]
+    assert results["errors"] == [] and results["warnings"] == []
+    written = _read(output)
+    failed = [image for image in written["images"] if "failure" in image]
+    assert len(failed) == 3 and all(image["detections"] is None for image in failed)
+    assert written["info"]["classifier_metadata"]["typical_classification_threshold"] == 0.7
+
+    # Without thresholds in the checkpoint the key is left out (Timelapse then uses its own default).
+    classify_detections(
+        load_classifier(checkpoint), read_detections_file(detections_file), images_dir, output, SETTINGS
+    )
+    assert "typical_classification_threshold" not in _read(output)["info"]["classifier_metadata"]
+
+
+def test_backend_auto_is_onnx_runtime_on_the_cpu_and_a_wrong_backend_is_named(
+    loaded: LoadedClassifier, tmp_path: Path
+) -> None:
+    from animl_lightning.core.errors import ConfigError
+    from animl_lightning.deploy.classify import resolve_backend
+
+    pytest.importorskip("onnxruntime")
+    assert resolve_backend("auto", loaded) == "onnxruntime"
+    assert resolve_backend("torch", loaded) == "torch"
+    with pytest.raises(ConfigError, match=r"backend: must be one of \['auto', 'torch', 'onnxruntime'\]"):
+        ClassifySettings(backend="tensorrt")
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    output = tmp_path / "classified.json"
+    settings = ClassifySettings(threshold=0.8, min_conf=0.0, batch_size=3, num_workers=0, backend="auto")
+    classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
+    assert _read(output)["info"]["classifier_metadata"]["backend"] == "onnxruntime"

@@ -186,8 +186,7 @@ def test_targets_shrink_only_when_no_partition_can_reach_them() -> None:
 def test_more_trials_never_worse_and_seed_matters() -> None:
     counts = camera_trap_counts(np.random.default_rng(5), 60, 6, None, 10)
     scores = [
-        score_assignment(counts, split_random(counts, 0.2, 0.2, trials=t, seed=9), 0.2, 0.2).total
-        for t in (1, 10, 400)
+        score_assignment(counts, split_random(counts, 0.2, 0.2, trials=t, seed=9), 0.2, 0.2).total for t in (1, 10, 400)
     ]
     assert scores[0] >= scores[1] >= scores[2]
     a = split_random(counts, 0.2, 0.2, trials=50, seed=1)

@@ -1,0 +1,405 @@
+"""``export format=animl``: one folder with everything Animl's classifier endpoints need.
+
+Written into a sibling temporary folder and renamed into place at the end, so ``output`` holds either the whole
+bundle or what it held before:
+
+- ``<model id>.mar``: the TorchServe archive (CPU TorchScript ``model.pt``, ``handler.py`` =
+  :mod:`animl_lightning.deploy.torchserve_handler`, ``index_to_name.json``, ``bundle.json`` and the crop and
+  preprocessing sources of :mod:`animl_lightning.core` it imports), built by ``torch-model-archiver``;
+- ``config.properties`` (TorchServe on port 8080, ``disable_token_authorization=true``) and ``Dockerfile`` (the
+  TorchServe image, pinning the torch version the export was made with);
+- ``model.onnx``, ``bundle.json`` and ``serving/`` with ``Dockerfile.onnx``: the FastAPI + ONNX Runtime server
+  (:mod:`animl_lightning.deploy.server`), ``/ping`` and ``/invocations`` on port 8080 as SageMaker expects;
+- ``mlmodel.json``: the ``MLModel`` record (``_id``, ``version``, ``description``, ``defaultConfThreshold``,
+  ``categories`` with ``_id`` = ``name`` = label, a colour each, per-label thresholds when the checkpoint has them,
+  ``expectsCrops: true``);
+- ``sample_request.json`` and the ``sample_response.json`` this export's ONNX model gives for it;
+- ``README.md``: how to register the model in Animl.
+"""
+
+from __future__ import annotations
+
+import base64
+import colorsys
+import io
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from animl_lightning import __version__
+from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.files import (
+    TMP_MARKER,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+)
+from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, animl_response, parse_request
+from animl_lightning.core.serving import request_probabilities as serve_one
+from animl_lightning.deploy.export import INPUT_NAME, ExportError, onnx_bytes, torchscript_bytes
+from animl_lightning.deploy.inference import LoadedClassifier
+from animl_lightning.deploy.onnx_runtime import OnnxClassifier
+
+log = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# The modules a deployment imports: the crop rule, decoding, Animl's request and response. Nothing else of the
+# package (no torch in them, no training stack).
+CORE_SOURCES = (
+    "__init__.py",
+    "core/__init__.py",
+    "core/errors.py",
+    "core/imaging.py",
+    "core/crop_rule.py",
+    "core/machine.py",
+    "core/serving.py",
+)
+SERVER_SOURCES = (*CORE_SOURCES, "deploy/__init__.py", "deploy/onnx_runtime.py", "deploy/server.py")
+DEFAULT_THRESHOLD = 0.5
+TORCHSERVE_VERSION = "0.12.0"
+SAMPLE_BBOX = [0.2, 0.25, 0.7, 0.8]  # [ymin, xmin, ymax, xmax], as Animl sends it
+
+
+@dataclass(frozen=True)
+class AnimlBundle:
+    """Where the bundle went and its archive."""
+
+    folder: Path
+    mar_file: Path
+    model_id: str
+
+
+def model_id_of(loaded: LoadedClassifier) -> str:
+    """A default ``MLModel._id``: the architecture and the checkpoint file, in Animl's id characters."""
+    raw = f"{loaded.model_name}-{loaded.checkpoint_path.stem}"
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", raw).strip("-") or "classifier"
+
+
+def category_colours(labels: list[str]) -> list[str]:
+    """One distinct, stable colour per label (golden-angle hues), as ``#rrggbb``."""
+    colours = []
+    for index in range(len(labels)):
+        red, green, blue = colorsys.hls_to_rgb((index * 0.381966) % 1.0, 0.5, 0.65)
+        colours.append(f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}")
+    return colours
+
+
+def mlmodel_record(
+    loaded: LoadedClassifier, model_id: str, version: str, description: str, threshold: float
+) -> dict[str, Any]:
+    """The ``MLModel`` document Animl registers the classifier with."""
+    thresholds = _thresholds(loaded)
+    categories = []
+    for label, colour in zip(loaded.class_names, category_colours(loaded.class_names), strict=True):
+        category: dict[str, Any] = {"_id": label, "name": label, "color": colour}
+        if label in thresholds:
+            category["confThreshold"] = thresholds[label]
+        categories.append(category)
+    return {
+        "_id": model_id,
+        "version": version,
+        "description": description,
+        "defaultConfThreshold": threshold,
+        "categories": categories,
+        "expectsCrops": True,
+    }
+
+
+def _thresholds(loaded: LoadedClassifier) -> dict[str, float]:
+    record = loaded.thresholds or {}
+    per_label = record.get("per_label") or {}
+    return {str(k): float(v) for k, v in per_label.items() if v is not None}
+
+
+def bundle_description(loaded: LoadedClassifier) -> dict[str, Any]:
+    """``bundle.json``: what the server and the handler read (labels, preprocessing, crop rule, files)."""
+    return {
+        "bundle_format": BUNDLE_FORMAT,
+        "model_name": loaded.model_name,
+        "labels": list(loaded.class_names),
+        "preprocessing": loaded.transform.to_dict(),
+        "crop_rule": loaded.crop_rule.to_dict(),
+        "temperature": loaded.temperature,
+        "thresholds": _thresholds(loaded),
+        "onnx_file": "model.onnx",
+        "torchscript_file": "model.pt",
+        "input_name": INPUT_NAME,
+        "checkpoint": loaded.checkpoint_path.name,
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+        "animl_lightning_version": __version__,
+    }
+
+
+def sample_image() -> bytes:
+    """A deterministic 640x480 JPEG with something in the sample box, for the sample request."""
+    rng = np.random.default_rng(0)
+    height, width = 480, 640
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    pixels = np.clip(pixels.astype(np.int16) + rng.integers(-12, 12, pixels.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    ImageDraw.Draw(image).ellipse((220, 130, 470, 320), fill=(120, 80, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _versions(*names: str) -> dict[str, str]:
+    return {name: metadata.version(name) for name in names}
+
+
+def _requirements(*names: str) -> str:
+    return "".join(f"{name}=={version}\n" for name, version in _versions(*names).items())
+
+
+def _copy_sources(sources: tuple[str, ...], target: Path) -> None:
+    for relative in sources:
+        destination = target / "animl_lightning" / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_ROOT / relative, destination)
+
+
+def build_mar(staging: Path, model_id: str, version: str) -> Path:
+    """Run ``torch-model-archiver`` over the TorchScript, the handler and its sources; return the ``.mar``.
+
+    Raises:
+        ExportError: the archiver is not installed or fails.
+    """
+    try:
+        metadata.version("torch-model-archiver")
+    except metadata.PackageNotFoundError as err:
+        raise ExportError("format=animl needs torch-model-archiver: pip install -e '.[deploy]'") from err
+    extra = staging / "mar_extra"
+    _copy_sources(CORE_SOURCES, extra)
+    shutil.copy2(staging / BUNDLE_FILENAME, extra / BUNDLE_FILENAME)
+    shutil.copy2(staging / "index_to_name.json", extra / "index_to_name.json")
+    handler = staging / "handler.py"
+    shutil.copy2(PACKAGE_ROOT / "deploy" / "torchserve_handler.py", handler)
+    command = [
+        sys.executable,
+        "-m",
+        "model_archiver.model_packaging",
+        "--model-name",
+        model_id,
+        "--version",
+        version,
+        "--serialized-file",
+        str(staging / "model.pt"),
+        "--handler",
+        str(handler),
+        "--extra-files",
+        str(extra),
+        "--export-path",
+        str(staging),
+        "--force",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    shutil.rmtree(extra)
+    handler.unlink()
+    mar = staging / f"{model_id}.mar"
+    if result.returncode != 0 or not mar.is_file():
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"format=animl: torch-model-archiver failed: {last[0]}")
+    return mar
+
+
+def write_animl_bundle(
+    loaded: LoadedClassifier,
+    output: str | Path,
+    model_id: str | None = None,
+    version: str = "v1",
+    description: str = "",
+    threshold: float = DEFAULT_THRESHOLD,
+) -> AnimlBundle:
+    """Write the bundle of the module docstring into ``output`` (a folder; replaced whole when it exists).
+
+    Raises:
+        ExportError: the model cannot be exported or archived.
+        ConfigError: ``output`` is a file, or a setting is out of range.
+    """
+    target = Path(output)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"output: {target} is a file; format=animl writes a folder")
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"threshold: must be in [0, 1], got {threshold}")
+    model_id = model_id or model_id_of(loaded)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", model_id):
+        raise ConfigError(f"model_id: {model_id!r} must be letters, digits, '-' and '_'")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{TMP_MARKER}"))
+    try:
+        _write_into(staging, loaded, model_id, version, description or _default_description(loaded), threshold)
+        staging.chmod(0o755)
+        if target.exists():
+            old = target.with_name(f".{target.name}{TMP_MARKER}old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return AnimlBundle(folder=target, mar_file=target / f"{model_id}.mar", model_id=model_id)
+
+
+def _default_description(loaded: LoadedClassifier) -> str:
+    return (
+        f"{loaded.model_name} species classifier for MegaDetector crops ({len(loaded.class_names)} labels), "
+        f"trained with animl-lightning {__version__} ({loaded.checkpoint_path.name})"
+    )
+
+
+def _write_into(
+    staging: Path, loaded: LoadedClassifier, model_id: str, version: str, description: str, threshold: float
+) -> None:
+    onnx_model, _ = onnx_bytes(loaded)
+    scripted, _ = torchscript_bytes(loaded)
+    atomic_write_bytes(staging / "model.onnx", onnx_model)
+    atomic_write_bytes(staging / "model.pt", scripted)
+    atomic_write_json(staging / BUNDLE_FILENAME, bundle_description(loaded))
+    atomic_write_json(staging / "index_to_name.json", {str(i): name for i, name in enumerate(loaded.class_names)})
+    build_mar(staging, model_id, version)
+    atomic_write_json(staging / "mlmodel.json", mlmodel_record(loaded, model_id, version, description, threshold))
+
+    serving = staging / "serving"
+    _copy_sources(SERVER_SOURCES, serving)
+    packages = ("numpy", "pillow", "simplejpeg", "opencv-python-headless")
+    atomic_write_text(serving / "requirements.txt", _requirements(*packages, "onnxruntime", "fastapi", "uvicorn"))
+    atomic_write_text(staging / "requirements-torchserve.txt", _requirements(*packages))
+    torch_version = torch.__version__.split("+")[0]
+    atomic_write_text(staging / "Dockerfile", _torchserve_dockerfile(model_id, torch_version))
+    atomic_write_text(staging / "Dockerfile.onnx", _onnx_dockerfile())
+    atomic_write_text(staging / "config.properties", torchserve_config(model_id))
+
+    image = sample_image()
+    request = {"image": base64.b64encode(image).decode("ascii"), "bbox": SAMPLE_BBOX}
+    predict = OnnxClassifier(onnx_model, INPUT_NAME)
+    parsed = parse_request(request)
+    probabilities = serve_one(parsed, predict, loaded.transform, loaded.crop_rule)
+    atomic_write_json(staging / "sample_request.json", request, indent=None)
+    atomic_write_json(staging / "sample_response.json", animl_response(loaded.class_names, probabilities))
+    atomic_write_text(staging / "README.md", _readme(model_id, loaded, torch_version))
+
+
+def torchserve_config(
+    model_id: str,
+    inference: str = "0.0.0.0:8080",
+    management: str = "127.0.0.1:8081",
+    metrics: str = "127.0.0.1:8082",
+    model_store: str = "/home/model-server/model-store",
+) -> str:
+    """TorchServe's ``config.properties`` for this bundle (SageMaker expects port 8080)."""
+    return "\n".join(
+        [
+            f"inference_address=http://{inference}",
+            f"management_address=http://{management}",
+            f"metrics_address=http://{metrics}",
+            # TorchServe 0.11+ asks for a token on every call unless told otherwise; SageMaker sends none.
+            "disable_token_authorization=true",
+            "default_workers_per_model=1",
+            f"model_store={model_store}",
+            f"load_models={model_id}.mar",
+            "",
+        ]
+    )
+
+
+def _torchserve_dockerfile(model_id: str, torch_version: str) -> str:
+    return f"""# TorchServe image for {model_id}: the .mar of this folder, CPU only (SageMaker Serverless).
+# torch must be the version the TorchScript was exported with ({torch_version}).
+FROM pytorch/torchserve:{TORCHSERVE_VERSION}-cpu
+USER root
+COPY requirements-torchserve.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir "torch=={torch_version}" --index-url https://download.pytorch.org/whl/cpu \\
+ && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY {model_id}.mar /home/model-server/model-store/
+COPY config.properties /home/model-server/config.properties
+USER model-server
+EXPOSE 8080
+CMD ["torchserve", "--start", "--foreground", "--ts-config", "/home/model-server/config.properties", \\
+     "--model-store", "/home/model-server/model-store", "--models", "{model_id}.mar", "--disable-token-auth"]
+"""
+
+
+def _onnx_dockerfile() -> str:
+    return """# The FastAPI + ONNX Runtime server of this folder (no torch in the image): /ping, /invocations on 8080.
+FROM python:3.11-slim
+COPY serving/requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt
+COPY serving/ /app/
+COPY model.onnx bundle.json /opt/ml/model/
+WORKDIR /app
+ENV ANIML_BUNDLE=/opt/ml/model
+EXPOSE 8080
+CMD ["python", "-m", "uvicorn", "animl_lightning.deploy.server:app_from_environment", "--factory", \\
+     "--host", "0.0.0.0", "--port", "8080"]
+"""
+
+
+def _readme(model_id: str, loaded: LoadedClassifier, torch_version: str) -> str:
+    labels = ", ".join(loaded.class_names)
+    return f"""# {model_id}: a species classifier for Animl
+
+{loaded.model_name}, {len(loaded.class_names)} labels ({labels}); crops cut with
+`{loaded.crop_rule.to_dict()}` and preprocessed with `{loaded.transform.to_dict()}`, exactly as in training;
+calibration temperature {loaded.temperature:.4f}. Exported from `{loaded.checkpoint_path.name}` with torch
+{torch_version}.
+
+Every endpoint here takes Animl's request, `{{"image": "<base64 of the full image>", "bbox": [ymin, xmin, ymax,
+xmax]}}` (relative coordinates; `bbox` may be a JSON string and defaults to the whole image), and answers
+`{{"<label>": probability, ...}}` for every label. `sample_request.json` gives `sample_response.json`.
+
+## Serve it
+
+- TorchServe, as Animl's endpoints run today: `docker build -t {model_id} .` (the `Dockerfile` pins torch
+  {torch_version}, the version the TorchScript was made with), or without Docker
+  `torchserve --start --ts-config config.properties --model-store . --models {model_id}.mar`.
+- The ONNX Runtime server (FastAPI, no torch, faster on CPU): `docker build -f Dockerfile.onnx -t {model_id}-onnx .`,
+  or `python -m animl_lightning.serve bundle=. port=8080`.
+
+Both answer `GET /ping` and `POST /invocations` on port 8080, the SageMaker container contract. Check with
+`curl -s -X POST localhost:8080/invocations -H 'Content-Type: application/json' -d @sample_request.json`.
+
+## Register it in Animl
+
+1. Push the image to the AWS account's ECR and create a SageMaker **serverless** endpoint from it (CPU; 6 GB of
+   memory is plenty), then call it once with `sample_request.json` and compare with `sample_response.json`.
+2. Add the `MLModel` document of `mlmodel.json` to Animl's database: `_id`, `version`, `description`,
+   `defaultConfThreshold`, `categories` (each `_id` is the label the endpoint returns; the `confThreshold` values,
+   where present, were chosen on the validation split for the target precision) and `expectsCrops: true`.
+3. Point Animl's configuration for this model at the endpoint's name, add the call to its inference code and an
+   automation rule (e.g. "run on MegaDetector's animal labels"), as for Animl's other classifiers.
+"""
+
+
+def export_animl(
+    checkpoint: str | Path,
+    output: str | Path,
+    model_id: str | None = None,
+    version: str = "v1",
+    description: str = "",
+    threshold: float = DEFAULT_THRESHOLD,
+) -> AnimlBundle:
+    """Load a checkpoint on the CPU and write its Animl bundle; see :func:`write_animl_bundle`."""
+    from animl_lightning.deploy.inference import load_classifier
+
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output: {folder} is a file; format=animl writes a folder")
+    check_writable(folder.parent / f".{folder.name}.probe", "output")
+    loaded = load_classifier(checkpoint, device="cpu")
+    return write_animl_bundle(loaded, folder, model_id, version, description, threshold)
