@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, run_command
 from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.smoothing import SmoothingOptions
 from animl_lightning.deploy.classify import ClassifySettings, ClassifySummary, run_classify
 
 
@@ -30,6 +31,9 @@ def classify(cfg: DictConfig) -> ClassifySummary:
         category=str(cfg.detections.category),
         resume=bool(cfg.resume),
         backend=str(cfg.backend),
+        smoothing_options=SmoothingOptions.from_mapping(
+            OmegaConf.to_container(cfg.smoothing, resolve=True)  # type: ignore[arg-type]
+        ),
         **OmegaConf.to_container(cfg.classify, resolve=True),  # type: ignore[arg-type]
     )
     summary = run_classify(

@@ -8,7 +8,7 @@ A prepared dataset is a folder holding:
     category), ``confidence`` (1.0 for ground-truth boxes, the detector's score otherwise) and ``label`` (the output
     label). Further columns follow: ``image_id``, ``annotation_id``, ``datetime``, ``seq_id``, ``source``, then
     ``sequence`` (the crop's burst: the CCT ``seq_id``, or found from the times, see
-    :mod:`animl_lightning.prepare.sequences`) and, only for a dataset split by another unit than the location
+    :mod:`animl_lightning.core.sequences`) and, only for a dataset split by another unit than the location
     (``split.group_by``), ``split_group`` (the crop's group key).
 ``label_index.json``
     ``{"0": label, "1": label, ...}`` with labels sorted.
@@ -255,6 +255,36 @@ class PreparedDataset:
     def split_frame(self, split: str) -> pd.DataFrame:
         """Rows of one split."""
         return self.frame[self.frame["split"] == split].reset_index(drop=True)
+
+
+def crop_groups(frame: pd.DataFrame) -> pd.DataFrame:
+    """``path, image, sequence, location, confidence`` per crop: the keys of the image, sequence and location tables.
+
+    The image is ``<dataset>:<image_id>``; a dataset written before ``image_id`` or ``sequence`` were columns gets
+    the crop path as its image and the image as its sequence (each crop then counts alone, stated in the log).
+    """
+    path = frame["path"].astype(str)
+    if "image_id" in frame.columns:
+        ids = frame["image_id"].astype("string").fillna("")
+        image = (frame["dataset"].astype(str) + ":" + ids.astype(str)).where(ids != "", path)
+    else:
+        log.warning("classification_ds.csv has no image_id column: each crop counts as its own image")
+        image = path
+    if "sequence" in frame.columns:
+        sequence = frame["sequence"].astype("string").fillna("").astype(str)
+        sequence = sequence.where(sequence != "", image)
+    else:
+        log.warning("classification_ds.csv has no sequence column (prepared before sequences): each image is one")
+        sequence = image
+    return pd.DataFrame(
+        {
+            "path": path.to_numpy(dtype=object),
+            "image": image.to_numpy(dtype=object),
+            "sequence": sequence.to_numpy(dtype=object),
+            "location": frame["location"].astype(str).to_numpy(dtype=object),
+            "confidence": pd.to_numeric(frame["confidence"], errors="coerce").fillna(1.0).to_numpy(dtype=float),
+        }
+    )
 
 
 def load_prepared_dataset(root: str | Path, check_files: bool = True) -> PreparedDataset:

@@ -11,8 +11,11 @@ The output is the input file with, added:
 - per classified detection, ``classifications``: ``[[id_str, conf], ...]`` for every label with calibrated
   probability >= ``min_conf``, sorted by confidence (descending), rounded to 4 digits; an empty list when no
   label reaches ``min_conf``;
-- per image that could not be read, ``failure`` (prefixed :data:`FAILURE_PREFIX`); its detections are kept as is;
-- ``info.format_version`` (at least "1.4"), ``info.classifier``, ``info.classification_completion_time``
+- per image that could not be read, ``failure`` (prefixed :data:`FAILURE_PREFIX`) and ``detections: null``, as
+  MegaDetector's format and validator require;
+- with ``classify.smoothing=image|sequence``, MegaDetector's smoothing (:mod:`animl_lightning.deploy.smoothing`): a
+  detection whose class changed keeps its original list under ``classifications_before_smoothing``;
+- ``info.format_version`` (at least "1.6"), ``info.classifier``, ``info.classification_completion_time``
   (``YYYY-mm-dd HH:MM:SS``, local time) and ``info.classifier_metadata``.
 
 Boxes, detection confidences and every other field are copied untouched. The output is written atomically, also
@@ -24,6 +27,7 @@ images that failed with :data:`FAILURE_PREFIX` are tried again.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -50,6 +54,7 @@ from animl_lightning.core.files import (
 from animl_lightning.core.imaging import image_display_size
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.megadetector import DetectionsError, read_results_strict
+from animl_lightning.core.smoothing import SMOOTHING_LEVELS, SmoothingOptions
 from animl_lightning.deploy.inference import (
     IMAGE_ERROR_PREFIX,
     CropRequests,
@@ -60,6 +65,14 @@ from animl_lightning.deploy.inference import (
     top_k,
 )
 from animl_lightning.deploy.onnx_runtime import OnnxClassifier, onnxruntime_available
+from animl_lightning.deploy.smoothing import (
+    BEFORE_SMOOTHING,
+    ImageSequence,
+    SmoothingSummary,
+    sequences_from_cct,
+    sequences_from_times,
+    smooth_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +102,20 @@ class ClassifySettings:
     save_interval_s: float = 300.0
     resume: bool = True
     backend: str = "auto"
+    smoothing: str = "none"
+    sequence_file: str | None = None
+    max_gap_s: float = 3.0
+    smoothing_options: SmoothingOptions = field(default_factory=SmoothingOptions)
 
     def __post_init__(self) -> None:
         checks = (
             (self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}"),
+            (
+                self.smoothing in SMOOTHING_LEVELS,
+                "classify.smoothing",
+                f"must be one of {list(SMOOTHING_LEVELS)}, got {self.smoothing!r}",
+            ),
+            (self.max_gap_s >= 0, "classify.max_gap_s", f"must be >= 0, got {self.max_gap_s}"),
             (0.0 <= self.threshold <= 1.0, "detections.threshold", f"must be in [0, 1], got {self.threshold}"),
             (bool(self.category), "detections.category", "must not be empty"),
             (0.0 <= self.min_conf <= 1.0, "classify.min_conf", f"must be in [0, 1], got {self.min_conf}"),
@@ -120,6 +143,7 @@ class ClassifySummary:
     images_skipped_failed_input: int = 0
     seconds: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    smoothing: SmoothingSummary | None = None
 
     @property
     def crops_per_second(self) -> float:
@@ -139,6 +163,13 @@ class ClassifySummary:
             ("images failed in the input", self.images_skipped_failed_input),
             ("crops per second", f"{self.crops_per_second:.1f}"),
         ]
+        if self.smoothing is not None:
+            rows.append(
+                (
+                    f"changed by smoothing ({self.smoothing.level})",
+                    self.smoothing.detections_changed_image + self.smoothing.detections_changed_sequence,
+                )
+            )
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -329,6 +360,7 @@ class _Job:
             # Classifications of another classifier would not match our classification_categories.
             for detection in detections:
                 detection.pop("classifications", None)
+                detection.pop(BEFORE_SMOOTHING, None)
             failure = image.get("failure")
             if failure and not str(failure).startswith(FAILURE_PREFIX):
                 self.summary.images_skipped_failed_input += 1
@@ -371,7 +403,8 @@ class _Job:
         if self.want_csv and any(row is None for row in rows):
             return False  # the CSV needs the top-k scores, which the JSON (filtered at min_conf) does not keep
         for j, row in zip(eligible, rows, strict=True):
-            image["detections"][j]["classifications"] = old[j]["classifications"]
+            # A smoothed output resumes from what the model said; smoothing runs again over the whole output.
+            image["detections"][j]["classifications"] = old[j].get(BEFORE_SMOOTHING, old[j]["classifications"])
             if row is not None:
                 self.rows[(i, j)] = row
         self.summary.detections_resumed += len(eligible)
@@ -618,6 +651,7 @@ def classify_detections(
             job.write(output_path, csv_path, partial_info=True)
             last_save = time.monotonic()
     job.summary.seconds = time.perf_counter() - started
+    job.summary.smoothing = _smooth(job.output, Path(images_dir), settings)
     job.finish_info(name)
     job.write(output_path, csv_path, partial_info=False)
     if job.summary.failures:
@@ -625,6 +659,28 @@ def classify_detections(
             "%d detections could not be classified; see 'failure' in %s", job.summary.detections_failed, output_path
         )
     return job.summary
+
+
+def _smooth(output: dict[str, Any], images_dir: Path, settings: ClassifySettings) -> SmoothingSummary | None:
+    if settings.smoothing == "none":
+        return None
+    sequences: dict[str, ImageSequence] | None = None
+    if settings.smoothing == "sequence":
+        if settings.sequence_file:
+            cct = read_json_file(settings.sequence_file, ClassifyInputError)
+            if not isinstance(cct, dict) or not isinstance(cct.get("images"), list):
+                raise ClassifyInputError(f"classify.sequence_file: {settings.sequence_file} has no 'images' list")
+            sequences = sequences_from_cct(cct, settings.max_gap_s)
+        else:
+            sequences = sequences_from_times(output, images_dir, settings.max_gap_s)
+    summary = smooth_results(output, settings.smoothing, settings.smoothing_options, sequences)
+    log.info(
+        "smoothing (%s): %d detections changed within images, %d across sequences",
+        settings.smoothing,
+        summary.detections_changed_image,
+        summary.detections_changed_sequence,
+    )
+    return summary
 
 
 def _batches(
@@ -673,6 +729,8 @@ def run_classify(
             f"set exactly one of detections_file, cct_file, crops_dir; got {sorted(sources) or 'none'}"
         )
     check_writable(output_file, "output_file")
+    if settings is not None and settings.sequence_file and not Path(settings.sequence_file).is_file():
+        raise ClassifyInputError(f"classify.sequence_file: {settings.sequence_file} does not exist")
     if output_csv:
         check_writable(output_csv, "output_csv")
     if crops_dir:
@@ -685,6 +743,9 @@ def run_classify(
         if not folder.is_dir():
             raise ClassifyInputError(f"images_dir: {folder} is not a folder")
         results = detections_from_cct(cct_file, folder) if cct_file else read_detections_file(str(detections_file))
+    settings = settings or ClassifySettings()
+    if cct_file and settings.smoothing == "sequence" and not settings.sequence_file:
+        settings = dataclasses.replace(settings, sequence_file=str(cct_file))  # MegaDetector's sequence information
     loaded = load_classifier(checkpoint, device=device)
     return classify_detections(
         loaded, results, folder, output_file, settings, output_csv=output_csv, classifier_name=classifier_name

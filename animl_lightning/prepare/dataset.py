@@ -22,8 +22,8 @@ from animl_lightning.core.contract import (
 )
 from animl_lightning.core.errors import AnimlError, DataError
 from animl_lightning.core.issues import PrepareReport
+from animl_lightning.core.sequences import sequence_keys, time_block_keys
 from animl_lightning.prepare.config import SplitSettings
-from animl_lightning.prepare.sequences import sequence_keys, time_block_keys
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def build_dataset_frame(
         dataset: the dataset name written to the ``dataset`` column.
         min_locs: drop labels seen at fewer distinct ``(dataset, location)`` pairs; ``None`` keeps every label.
         report: receives the counts and one issue per label dropped by ``min_locs``.
-        max_gap_s: ``sequences.max_gap_s``, for the ``sequence`` column (:mod:`animl_lightning.prepare.sequences`).
+        max_gap_s: ``sequences.max_gap_s``, for the ``sequence`` column (:mod:`animl_lightning.core.sequences`).
         split_unit: ``split.*``; with ``group_by`` other than ``location`` a ``split_group`` column holds each crop's
             group key (its sequence, or ``<location>@<time block>``).
 

@@ -2,7 +2,7 @@
 
 Crops from one camera location look alike (same background, same light, often the same animal), so a location in
 both train and test would flatter the test figures. ``split.group_by`` chooses the unit: ``location`` (the default,
-``(dataset, location)`` pairs), ``sequence`` (bursts, see :mod:`animl_lightning.prepare.sequences`) or
+``(dataset, location)`` pairs), ``sequence`` (bursts, see :mod:`animl_lightning.core.sequences`) or
 ``location_time`` (``split.time_block``-long blocks of time at each location). Anything but ``location`` lets a
 background appear in two splits, and says so.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from lightning import LightningDataModule
 from PIL import Image
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torchvision import transforms
 from typing_extensions import override
 
-from animl_lightning.core.contract import SPLIT_NAMES, PreparedDataset, load_prepared_dataset
+from animl_lightning.core.contract import SPLIT_NAMES, PreparedDataset, crop_groups, load_prepared_dataset
 from animl_lightning.core.crop_rule import EvalTransform
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.machine import usable_cores
@@ -304,6 +305,11 @@ class CropDataModule(LightningDataModule):
         """Number of crops in ``split``."""
         _check_split(split)
         return int((self.prepared.frame["split"] == split).sum())
+
+    def crop_groups(self, split: str) -> pd.DataFrame:
+        """``path, image, sequence, location, confidence`` of the crops of ``split`` (:func:`crop_groups`)."""
+        _check_split(split)
+        return crop_groups(self.prepared.split_frame(split))
 
     @override
     def setup(self, stage: str | None = None) -> None:

@@ -138,7 +138,7 @@ def fit_and_evaluate(
         tables.write(trainer)
     if trainer.is_global_zero:
         if tables is not None:
-            print_tables(tables.per_label, tables.overall)
+            print_tables(tables.per_label, tables.overall, tables.level_per_label("sequence"))
             log.info("tables written to %s", tables.dirpath)
         else:
             log.info("results: %s", results)
@@ -211,8 +211,8 @@ def check_monitor(monitor: str, model: CropClassifier) -> None:
         raise ConfigError(f"monitor: {monitor!r} is not a logged metric; choose one of {sorted(available)}")
 
 
-def print_tables(per_label: pd.DataFrame, overall: pd.DataFrame) -> None:
-    """Print the per-label and overall tables to the terminal (rich tables)."""
+def print_tables(per_label: pd.DataFrame, overall: pd.DataFrame, per_sequence: pd.DataFrame | None = None) -> None:
+    """Print the overall table (every level) and the per-label tables of crops and sequences (rich tables)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -228,8 +228,10 @@ def print_tables(per_label: pd.DataFrame, overall: pd.DataFrame) -> None:
             table.add_row(*(_format_cell(v) for v in row))
         console.print(table)
 
-    show(overall, "overall")
-    show(per_label, "per label (type_I_error = 1 - precision, type_II_error = 1 - recall)")
+    show(overall, "overall (level: crop, image, sequence)")
+    show(per_label, "per label, crops (type_I_error = 1 - precision, type_II_error = 1 - recall)")
+    if per_sequence is not None and len(per_sequence):
+        show(per_sequence, "per label, sequences (one unit per sequence and species present)")
 
 
 def _format_cell(value: object) -> str:

@@ -8,7 +8,11 @@ back while it writes), so the folder never holds the tables of some splits only:
 
 - ``per_label.csv``: ``split, label, precision, recall, type_I_error, type_II_error, support, tp, fp, fn, ece``
   (definitions in :mod:`animl_lightning.train.scores`), one row per evaluated split and label;
-- ``overall.csv``: per split ``n, loss, top1, top3, balanced_accuracy, precision_macro, recall_macro, ece``;
+- ``per_label_image.csv`` and ``per_label_sequence.csv``: the same columns, one unit per image or sequence and true
+  label (:mod:`animl_lightning.train.levels`; ``eval.smoothing`` applies there);
+- ``per_location.csv``: per split and location, crops, sequences, top-1, balanced accuracy and recall per label;
+- ``overall.csv``: per split and ``level`` (crop, image, sequence) ``n, loss, top1, top3, balanced_accuracy,
+  precision_macro, recall_macro, ece``;
 - ``confusion_<split>.csv`` / ``confusion_<split>.png``;
 - ``predictions_<split>.csv``: ``path, label, prediction`` then one probability column per label name.
 
@@ -18,7 +22,7 @@ With a ``WandbLogger`` the same tables go to wandb as Tables, plus a wandb confu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +38,16 @@ from typing_extensions import override
 from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.files import atomic_write, atomic_write_bytes, interrupts_deferred
+from animl_lightning.core.smoothing import SMOOTHING_LEVELS, SmoothingOptions
 from animl_lightning.train.calibration import expected_calibration_error, per_label_calibration_error
 from animl_lightning.train.classifier import CropClassifier
+from animl_lightning.train.levels import (
+    GROUP_LEVELS,
+    group_units,
+    level_tables,
+    per_location_table,
+    smoothed_top_labels,
+)
 from animl_lightning.train.scores import (
     PER_LABEL_COLUMNS,
     confusion_frame,
@@ -61,6 +73,8 @@ class SplitEvaluation:
         overall: the split's overall row (``n``, ``loss``, ``top1``, ...).
         per_label: the split's per-label rows.
         predictions: ``path, label, prediction`` and one probability column per label, sorted by path.
+        levels: per group level (image, sequence): its overall values and per-label rows.
+        per_location: the split's rows of ``per_location.csv`` (empty without the dataset's group columns).
     """
 
     split: str
@@ -69,6 +83,8 @@ class SplitEvaluation:
     overall: dict[str, float]
     per_label: pd.DataFrame
     predictions: pd.DataFrame
+    levels: dict[str, tuple[dict[str, float], pd.DataFrame]] = field(default_factory=dict)
+    per_location: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 class MetricTables(Callback):
@@ -79,6 +95,8 @@ class MetricTables(Callback):
         predictions: write ``predictions_<split>.csv``.
         confusion_plot: write ``confusion_<split>.png``.
         log_to_wandb: also log tables and confusion matrices to a ``WandbLogger`` when one is attached.
+        smoothing: ``eval.smoothing``: ``none`` (an image's or sequence's prediction is its highest mean
+            probability) or ``image`` / ``sequence`` (MegaDetector's smoothing of the crop labels first).
 
     Raises:
         TypeError: in ``setup`` when the LightningModule is not a
@@ -86,11 +104,19 @@ class MetricTables(Callback):
     """
 
     def __init__(
-        self, dirpath: str, predictions: bool = True, confusion_plot: bool = True, log_to_wandb: bool = True
+        self,
+        dirpath: str,
+        predictions: bool = True,
+        confusion_plot: bool = True,
+        log_to_wandb: bool = True,
+        smoothing: str = "none",
     ) -> None:
         super().__init__()
         if not dirpath:
             raise ConfigError("callbacks.metric_tables.dirpath must be set")
+        if smoothing not in SMOOTHING_LEVELS:
+            raise ConfigError(f"eval.smoothing: must be one of {list(SMOOTHING_LEVELS)}, got {smoothing!r}")
+        self._smoothing = smoothing
         self._dirpath = Path(dirpath)
         self._predictions = predictions
         self._confusion_plot = confusion_plot
@@ -118,8 +144,32 @@ class MetricTables(Callback):
 
     @property
     def overall(self) -> pd.DataFrame:
-        """Overall rows of every split collected so far, in train/val/test order."""
-        return overall_table({s: e.overall for s, e in self.evaluations.items()})
+        """Overall rows of every split and level collected so far: train/val/test, then crop/image/sequence."""
+        frames = []
+        for split, evaluation in self.evaluations.items():
+            rows = {"crop": evaluation.overall} | {level: values for level, (values, _) in evaluation.levels.items()}
+            for level, values in rows.items():
+                frame = overall_table({split: values})
+                frame.insert(1, "level", level)
+                frames.append(frame)
+        if not frames:
+            empty = overall_table({})
+            empty.insert(1, "level", pd.Series(dtype=object))
+            return empty
+        return pd.concat(frames, ignore_index=True)
+
+    def level_per_label(self, level: str) -> pd.DataFrame:
+        """Per-label rows of ``level`` (image or sequence) of every split collected so far."""
+        frames = [e.levels[level][1] for e in self.evaluations.values() if level in e.levels]
+        if not frames:
+            return pd.DataFrame(columns=list(PER_LABEL_COLUMNS))
+        return pd.concat(frames, ignore_index=True)
+
+    @property
+    def per_location(self) -> pd.DataFrame:
+        """``per_location.csv`` rows of every split collected so far."""
+        frames = [e.per_location for e in self.evaluations.values() if len(e.per_location)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -169,8 +219,47 @@ class MetricTables(Callback):
         if len(target):
             overall["ece"] = expected_calibration_error(probs, target)
             table["ece"] = per_label_calibration_error(probs, target)
-        predictions = prediction_frame(self._paths(trainer, index), target, probs, labels)
-        self._evaluations[split] = SplitEvaluation(split, labels, confusion, overall, table, predictions)
+        paths = self._paths(trainer, index)
+        predictions = prediction_frame(paths, target, probs, labels)
+        levels, per_location = self._levels(trainer, split, paths, probs, target, labels)
+        self._evaluations[split] = SplitEvaluation(
+            split, labels, confusion, overall, table, predictions, levels, per_location
+        )
+
+    def _levels(
+        self,
+        trainer: Trainer,
+        split: str,
+        paths: np.ndarray,
+        probs: np.ndarray,
+        target: np.ndarray,
+        labels: list[str],
+    ) -> tuple[dict[str, tuple[dict[str, float], pd.DataFrame]], pd.DataFrame]:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "crop_groups"):
+            return {}, pd.DataFrame()
+        groups = datamodule.crop_groups(split).drop_duplicates("path").set_index("path")
+        rows = groups.reindex(pd.Index(paths, dtype=object))
+        if rows["image"].isna().any():
+            log.warning("%s: some evaluated crops are not in the dataset's table; no image/sequence tables", split)
+            return {}, pd.DataFrame()
+        images, sequences = rows["image"].to_numpy(dtype=object), rows["sequence"].to_numpy(dtype=object)
+        top_labels = None
+        if self._smoothing != "none":
+            options = SmoothingOptions()
+            other = [i for i, name in enumerate(labels) if name in options.other_category_names]
+            top_labels = smoothed_top_labels(
+                probs, images, sequences, rows["confidence"].to_numpy(dtype=float), self._smoothing, other, options
+            )
+        levels = {}
+        for level, keys in (("image", images), ("sequence", sequences)):
+            units = group_units(probs, target, keys, top_labels)
+            _, table, values = level_tables(units, labels, split)
+            levels[level] = (values, table)
+        per_location = per_location_table(
+            probs, target, rows["location"].to_numpy(dtype=object), sequences, labels, split
+        )
+        return levels, per_location
 
     def write(self, trainer: Trainer) -> None:
         """Write every collected table (global rank 0 only), then log them to wandb when asked to.
@@ -182,6 +271,11 @@ class MetricTables(Callback):
         with interrupts_deferred():
             self._write_csv(self.per_label, "per_label.csv")
             self._write_csv(self.overall, "overall.csv")
+            for level in GROUP_LEVELS:
+                if any(level in e.levels for e in self._evaluations.values()):
+                    self._write_csv(self.level_per_label(level), f"per_label_{level}.csv")
+            if len(self.per_location):
+                self._write_csv(self.per_location, "per_location.csv")
             for split, evaluation in self.evaluations.items():
                 confusion, labels = evaluation.confusion, evaluation.labels
                 self._write_csv(confusion_frame(confusion, labels), f"confusion_{split}.csv", index=True)
@@ -238,6 +332,10 @@ class MetricTables(Callback):
 
         split, labels = evaluation.split, evaluation.labels
         logger.log_table(key=f"{split}/per_label", dataframe=evaluation.per_label)
+        for level, (_, table) in evaluation.levels.items():
+            logger.log_table(key=f"{split}/per_label_{level}", dataframe=table)
+        if len(evaluation.per_location):
+            logger.log_table(key=f"{split}/per_location", dataframe=evaluation.per_location)
         logger.log_table(key="overall", dataframe=self.overall.astype({"n": "float64"}))
         predictions = evaluation.predictions
         if len(predictions):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -24,6 +25,7 @@ from animl_lightning.train.run import resolve_precision
 from animl_lightning.train.scores import OVERALL_COLUMNS, PER_LABEL_COLUMNS
 from tests.fixtures.datasets import make_prepared_dataset
 from tests.fixtures.hydra import FAST_OVERRIDES, REPO_ROOT, compose_config, compose_train
+from tests.fixtures.scripts import run_command
 
 LABELS = ["bird", "fox", "skunk"]
 SPLITS = ["train", "val", "test"]
@@ -73,8 +75,10 @@ def test_fit_writes_every_table(fitted: tuple[Path, float | None], data_dir: Pat
     finite = per_label.dropna(subset=["precision"])
     assert ((finite["type_I_error"] - (1 - finite["precision"])).abs() < 1e-9).all()
 
-    overall = tables["overall"]
-    assert list(overall.columns) == list(OVERALL_COLUMNS)
+    every_level = tables["overall"]
+    assert list(every_level.columns) == ["split", "level", *OVERALL_COLUMNS[1:]]
+    assert list(every_level["level"]) == ["crop", "image", "sequence"] * len(SPLITS)
+    overall = every_level[every_level["level"] == "crop"].drop(columns="level")
     assert list(overall["split"]) == SPLITS
     assert list(overall["n"]) == [48, 24, 16]
     assert overall[["loss", "top1", "top3", "balanced_accuracy"]].notna().all().all()
@@ -168,7 +172,7 @@ def test_empty_test_split_skips_the_test_rows(tmp_path: Path) -> None:
     assert value is not None
     per_label = pd.read_csv(output / "metrics" / "per_label.csv")
     assert set(per_label["split"]) == {"train", "val"}
-    assert list(pd.read_csv(output / "metrics" / "overall.csv")["split"]) == ["train", "val"]
+    assert list(pd.read_csv(output / "metrics" / "overall.csv")["split"]) == ["train"] * 3 + ["val"] * 3
     assert not (output / "metrics" / "predictions_test.csv").exists()
 
 
@@ -187,6 +191,10 @@ def test_wandb_offline_gets_the_tables(data_dir: Path, tmp_path: Path, monkeypat
         assert payload["columns"] == list(PER_LABEL_COLUMNS)
         assert len(payload["data"]) == len(LABELS)
         assert list((media / split).glob("confusion_matrix*.table.json"))
+        for level in ("image", "sequence"):
+            level_tables = list((media / split).glob(f"per_label_{level}_*.table.json"))
+            assert level_tables and json.loads(level_tables[0].read_text())["columns"] == list(PER_LABEL_COLUMNS)
+        assert list((media / split).glob("per_location_*.table.json"))
     assert list(media.glob("overall_*.table.json"))
     assert (tmp_path / "metrics" / "per_label.csv").is_file()
     import wandb
@@ -273,3 +281,94 @@ def test_evaluating_a_checkpoint_finds_its_dataset_by_itself(
     assert cfg.data_dir == "data/demo"
     train_script.train(cfg)
     assert pd.read_csv(tmp_path / "metrics" / "per_label.csv").equals(pd.read_csv(output / "metrics" / "per_label.csv"))
+
+
+@pytest.mark.parametrize("level", ["image", "sequence"])
+def test_image_and_sequence_tables_equal_an_independent_pandas_computation(
+    fitted: tuple[Path, float | None], data_dir: Path, level: str
+) -> None:
+    output, _ = fitted
+    dataset = pd.read_csv(data_dir / "classification_ds.csv")
+    dataset["image"] = dataset["dataset"] + ":" + dataset["image_id"]
+    table = pd.read_csv(output / "metrics" / f"per_label_{level}.csv")
+    assert list(table.columns) == list(PER_LABEL_COLUMNS)
+    overall = pd.read_csv(output / "metrics" / "overall.csv")
+    for split in SPLITS:
+        predictions = pd.read_csv(output / "metrics" / f"predictions_{split}.csv")
+        joined = predictions.merge(dataset[["path", "image", "sequence"]], on="path", validate="one_to_one")
+        # the group's prediction: highest mean probability; one unit per group and true label
+        mean = joined.groupby(level)[LABELS].mean()
+        predicted = mean.idxmax(axis=1).rename("predicted")
+        units = joined[[level, "label"]].drop_duplicates().join(predicted, on=level)
+        expected = {}
+        for label in LABELS:
+            tp = int(((units["label"] == label) & (units["predicted"] == label)).sum())
+            fp = int(((units["label"] != label) & (units["predicted"] == label)).sum())
+            fn = int(((units["label"] == label) & (units["predicted"] != label)).sum())
+            expected[label] = [tp, fp, fn]
+        got = table[table["split"] == split].set_index("label")
+        assert {label: got.loc[label, ["tp", "fp", "fn"]].tolist() for label in LABELS} == expected
+        row = overall[(overall["split"] == split) & (overall["level"] == level)].iloc[0]
+        assert row["n"] == len(units)
+        assert row["top1"] == pytest.approx((units["label"] == units["predicted"]).mean())
+    # The fixture's sequences hold every label of their location, so they really are multi-species units.
+    assert (
+        table.groupby("split")["support"].sum()["val"]
+        > dataset.loc[dataset["path"].str.contains("loc2"), "sequence"].nunique()
+    )
+
+
+def test_per_location_table_equals_an_independent_pandas_computation(
+    fitted: tuple[Path, float | None], data_dir: Path
+) -> None:
+    output, _ = fitted
+    dataset = pd.read_csv(data_dir / "classification_ds.csv")
+    table = pd.read_csv(output / "metrics" / "per_location.csv")
+    assert list(table.columns[:6]) == ["split", "location", "crops", "sequences", "top1", "balanced_accuracy"]
+    for split in SPLITS:
+        predictions = pd.read_csv(output / "metrics" / f"predictions_{split}.csv")
+        joined = predictions.merge(dataset[["path", "location", "sequence"]], on="path", validate="one_to_one")
+        joined["hit"] = joined["label"] == joined["prediction"]
+        for location, part in joined.groupby("location"):
+            row = table[(table["split"] == split) & (table["location"] == location)].iloc[0]
+            assert row["crops"] == len(part) and row["sequences"] == part["sequence"].nunique()
+            assert row["top1"] == pytest.approx(part["hit"].mean())
+            recall = part.groupby("label")["hit"].mean()
+            assert row["balanced_accuracy"] == pytest.approx(recall.mean())
+            for label in LABELS:
+                value = row[f"recall_{label}"]
+                assert (np.isnan(value) and label not in recall.index) or value == pytest.approx(recall[label])
+
+
+def test_eval_smoothing_votes_with_megadetectors_rules(
+    fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path
+) -> None:
+    from animl_lightning.core.smoothing import SmoothingOptions, smooth_group
+
+    output, _ = fitted
+    best = output / "checkpoints" / "best.ckpt"
+    run_train(data_dir, tmp_path, "train=false", f"ckpt_path={best}", "eval.smoothing=image")
+    dataset = pd.read_csv(data_dir / "classification_ds.csv")
+    predictions = pd.read_csv(tmp_path / "metrics" / "predictions_val.csv")
+    joined = predictions.merge(dataset[["path", "image_id", "confidence"]], on="path", validate="one_to_one")
+    expected_tp = dict.fromkeys(LABELS, 0)
+    for _, image in joined.groupby("image_id", sort=False):
+        tops = image[LABELS].idxmax(axis=1).tolist()
+        confidences = image[LABELS].max(axis=1).tolist()
+        votes = pd.Series(smooth_group(tops, confidences, frozenset(), SmoothingOptions())).value_counts()
+        best_votes = votes[votes == votes.max()].index
+        predicted = image[LABELS].mean()[best_votes].idxmax()
+        for label in image["label"].unique():
+            expected_tp[label] += int(predicted == label)
+    table = pd.read_csv(tmp_path / "metrics" / "per_label_image.csv")
+    got = table[table["split"] == "val"].set_index("label")["tp"].to_dict()
+    assert got == expected_tp
+
+
+def test_eval_smoothing_must_be_a_known_level(data_dir: Path, tmp_path: Path) -> None:
+    result = run_command(
+        "train.py", [f"data_dir={data_dir}", f"hydra.run.dir={tmp_path}", "model=tiny", "eval.smoothing=video"]
+    )
+    assert result.returncode == 2
+    assert "eval.smoothing: must be one of ['none', 'image', 'sequence'], got 'video'" in result.stderr
+    assert "Traceback" not in result.stderr
