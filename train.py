@@ -22,7 +22,7 @@ import hydra
 from hydra.utils import instantiate
 from lightning import Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import (
     CONFIG_DIR,
@@ -53,6 +53,7 @@ from animl_lightning.train.run import (
     resolve_sync_batchnorm,
 )
 from animl_lightning.train.sweeps import process_rank
+from animl_lightning.train.thresholds import ThresholdSettings
 
 log = logging.getLogger("train")
 
@@ -111,7 +112,8 @@ def train(cfg: DictConfig) -> float | None:
         trainer_args["sync_batchnorm"] = resolve_sync_batchnorm(bool(cfg.trainer.sync_batchnorm), accelerator)
     trainer: Trainer = instantiate(cfg.trainer, **trainer_args)
     output_dir = str(cfg.paths.output_dir)
-    settings = RunSettings(bool(cfg.train), bool(cfg.test), cfg.ckpt_path, str(cfg.monitor), output_dir)
+    thresholds = ThresholdSettings.from_mapping(OmegaConf.to_container(cfg.thresholds) if "thresholds" in cfg else {})
+    settings = RunSettings(bool(cfg.train), bool(cfg.test), cfg.ckpt_path, str(cfg.monitor), output_dir, thresholds)
     with ExitStack() as stack:
         if process_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
             # One process writes a run folder: a second train.py resuming into it is refused (DDP ranks are not).

@@ -43,6 +43,7 @@ import pandas as pd
 from animl_lightning.core.crop_rule import CropRule, has_jpeg_markers
 from animl_lightning.core.errors import AnimlError
 from animl_lightning.core.files import atomic_write, atomic_write_json, read_json_file, safe_relative
+from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, Taxonomy, read_taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,12 @@ class PreparedDataset:
     def split_frame(self, split: str) -> pd.DataFrame:
         """Rows of one split."""
         return self.frame[self.frame["split"] == split].reset_index(drop=True)
+
+    @property
+    def taxonomy(self) -> Taxonomy | None:
+        """The labels' taxonomy (``taxonomy.csv``, written by ``labels.taxonomy_file``), or None."""
+        path = self.root / TAXONOMY_FILENAME
+        return read_taxonomy(path, self.labels) if path.is_file() else None
 
 
 def crop_groups(frame: pd.DataFrame) -> pd.DataFrame:

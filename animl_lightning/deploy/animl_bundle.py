@@ -106,6 +106,8 @@ def mlmodel_record(
         category: dict[str, Any] = {"_id": label, "name": label, "color": colour}
         if label in thresholds:
             category["confThreshold"] = thresholds[label]
+        if loaded.taxonomy is not None:
+            category["taxonomy"] = loaded.taxonomy.description(label)
         categories.append(category)
     return {
         "_id": model_id,

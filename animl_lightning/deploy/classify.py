@@ -7,7 +7,9 @@ rule, preprocessed like at training time, and classified in batches.
 
 The output is the input file with, added:
 
-- ``classification_categories``: ``{"0": label, ...}`` (the checkpoint's label index);
+- ``classification_categories``: ``{"0": label, ...}`` (the checkpoint's label index), and with thresholds
+  ``unknown`` and the taxa (:mod:`animl_lightning.deploy.decisions`); ``classification_category_descriptions`` when
+  the checkpoint has a taxonomy;
 - per classified detection, ``classifications``: ``[[id_str, conf], ...]`` for every label with calibrated
   probability >= ``min_conf``, sorted by confidence (descending), rounded to 4 digits; an empty list when no
   label reaches ``min_conf``;
@@ -55,6 +57,7 @@ from animl_lightning.core.imaging import image_display_size
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.megadetector import DetectionsError, read_results_strict
 from animl_lightning.core.smoothing import SMOOTHING_LEVELS, SmoothingOptions
+from animl_lightning.deploy.decisions import ThresholdRule, decision_categories
 from animl_lightning.deploy.inference import (
     IMAGE_ERROR_PREFIX,
     CropRequests,
@@ -102,6 +105,7 @@ class ClassifySettings:
     save_interval_s: float = 300.0
     resume: bool = True
     backend: str = "auto"
+    thresholds: bool = True
     smoothing: str = "none"
     sequence_file: str | None = None
     max_gap_s: float = 3.0
@@ -144,6 +148,7 @@ class ClassifySummary:
     seconds: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
     smoothing: SmoothingSummary | None = None
+    detections_below_threshold: int = 0
 
     @property
     def crops_per_second(self) -> float:
@@ -162,6 +167,7 @@ class ClassifySummary:
             ("failed images", self.images_failed),
             ("images failed in the input", self.images_skipped_failed_input),
             ("crops per second", f"{self.crops_per_second:.1f}"),
+            ("below their label's threshold", self.detections_below_threshold),
         ]
         if self.smoothing is not None:
             rows.append(
@@ -342,7 +348,14 @@ class _Job:
             log.warning(
                 "detection_categories %s has no %r category: nothing to classify", categories, settings.category
             )
-        self.output["classification_categories"] = {str(i): name for i, name in enumerate(loaded.class_names)}
+        self.rule = decision_rule(loaded, settings)
+        self.categories = decision_categories(loaded.class_names, loaded.taxonomy)
+        labels_only = {str(i): name for i, name in enumerate(loaded.class_names)}
+        self.output["classification_categories"] = self.categories.names if self.rule else labels_only
+        if loaded.taxonomy is not None:
+            self.output["classification_category_descriptions"] = {
+                k: v for k, v in self.categories.descriptions.items() if k in self.output["classification_categories"]
+            }
         info = self.output.setdefault("info", {})
         info["classifier_metadata"] = dict(info.get("classifier_metadata") or {}) | run_metadata(
             loaded, settings, backend
@@ -461,7 +474,13 @@ class _Job:
                 self.summary.failures.append({"file": file, "detection": target.detection, "message": error})
             return
         detection = self.output["images"][target.image]["detections"][target.detection]
-        detection["classifications"] = classifications_of(probabilities, self.settings.min_conf)
+        classifications = classifications_of(probabilities, self.settings.min_conf)
+        decision = self.rule.decide(probabilities, self.categories) if self.rule is not None else None
+        if decision is not None:
+            # The reported category first, then what the model said (module docstring of deploy.decisions).
+            classifications = [[decision[0], round(decision[1], 4)], *classifications]
+            self.summary.detections_below_threshold += 1
+        detection["classifications"] = classifications
         self._row(target.image, target.detection, probabilities=probabilities)
         self.summary.detections_classified += 1
 
@@ -536,6 +555,13 @@ def make_predictor(loaded: LoadedClassifier, backend: str) -> Predictor:
     return predict
 
 
+def decision_rule(loaded: LoadedClassifier, settings: ClassifySettings) -> ThresholdRule | None:
+    """The checkpoint's thresholds as a rule, when it has them and ``classify.thresholds`` is on."""
+    if not settings.thresholds or not loaded.thresholds or not loaded.thresholds.get("per_label"):
+        return None
+    return ThresholdRule.from_record(loaded.thresholds, loaded.class_names, loaded.taxonomy)
+
+
 def typical_threshold(loaded: LoadedClassifier) -> float | None:
     """Timelapse's ``typical_classification_threshold``: the median of the per-label thresholds chosen on val.
 
@@ -550,6 +576,7 @@ def run_metadata(loaded: LoadedClassifier, settings: ClassifySettings, backend: 
     """What decides the classifications of a run (``info.classifier_metadata``); a rerun resumes only if equal."""
     typical = typical_threshold(loaded)
     return ({} if typical is None else {"typical_classification_threshold": typical}) | {
+        "thresholds_applied": decision_rule(loaded, settings) is not None,
         "model_name": loaded.model_name,
         "backend": backend,
         "checkpoint": loaded.checkpoint_path.name,
@@ -582,7 +609,9 @@ def _load_previous(
             f"output_file: {error}; it exists but cannot be resumed: delete it or set resume=false"
         ) from error
     expected = {str(i): name for i, name in enumerate(loaded.class_names)}
-    if not isinstance(previous, dict) or previous.get("classification_categories") != expected:
+    written = previous.get("classification_categories") if isinstance(previous, dict) else None
+    labels_written = {k: v for k, v in written.items() if k in expected} if isinstance(written, dict) else None
+    if labels_written != expected:
         raise ClassifyInputError(
             f"output_file: {output_file} exists and was not written by this classifier (its "
             "classification_categories differ); choose another output_file, delete it, or set resume=false"

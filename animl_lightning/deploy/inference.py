@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from animl_lightning.core.crop_rule import Box, CropRule, EvalTransform, decode_for_boxes, model_input
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.imaging import DecodedImage
+from animl_lightning.core.taxonomy import Taxonomy
 from animl_lightning.train.checkpointing import read_checkpoint
 from animl_lightning.train.classifier import CropClassifier
 
@@ -57,6 +58,7 @@ class LoadedClassifier:
         checkpoint_path: the checkpoint file.
         calibration: the checkpoint's calibration record, if any.
         thresholds: the checkpoint's per-label threshold record, if any.
+        taxonomy: the labels' taxonomy, if the dataset had one.
     """
 
     model: torch.nn.Module
@@ -70,6 +72,7 @@ class LoadedClassifier:
     checkpoint_sha256: str = ""
     calibration: dict[str, Any] | None = None
     thresholds: dict[str, Any] | None = None
+    taxonomy: Taxonomy | None = None
 
     def probabilities(self, images: torch.Tensor | NDArray[np.float32]) -> torch.Tensor:
         """Calibrated class probabilities of a batch of preprocessed crops (N, 3, H, W), on the CPU."""
@@ -121,6 +124,7 @@ def load_classifier(
         checkpoint_sha256=contents.sha256,
         calibration=contents.calibration,
         thresholds=contents.thresholds,
+        taxonomy=contents.taxonomy,
     )
 
 

@@ -91,7 +91,7 @@ def sequences_from_cct(cct: Mapping[str, Any], max_gap_s: float = 3.0) -> dict[s
         return {}
     keys = sequence_keys(pd.DataFrame(rows), max_gap_s)
     return {
-        row["image_id"]: ImageSequence(str(key), float(rank))
+        str(row["image_id"]): ImageSequence(str(key), float(rank))
         for rank, (row, key) in enumerate(zip(rows, keys, strict=True))
     }
 
@@ -117,7 +117,7 @@ def sequences_from_times(results: Mapping[str, Any], images_dir: Path, max_gap_s
     keys = sequence_keys(frame, max_gap_s)
     seconds = wall_clock_seconds(frame["datetime"])
     return {
-        row["image_id"]: ImageSequence(str(key), float(when) if when == when else float(i))
+        str(row["image_id"]): ImageSequence(str(key), float(when) if when == when else float(i))
         for i, (row, key, when) in enumerate(zip(rows, keys, seconds, strict=True))
     }
 

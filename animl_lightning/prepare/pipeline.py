@@ -38,9 +38,10 @@ from animl_lightning.core.contract import (
     write_prepare_info,
 )
 from animl_lightning.core.errors import AnimlError
-from animl_lightning.core.files import remove_stale_temporaries, run_lock
+from animl_lightning.core.files import atomic_write_text, remove_stale_temporaries, run_lock
 from animl_lightning.core.issues import REPORT_FILENAME, PrepareReport
 from animl_lightning.core.megadetector import load_detections
+from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, TaxonomyError, read_taxonomy
 from animl_lightning.prepare.boxes import collect_boxes
 from animl_lightning.prepare.config import PrepareSettings
 from animl_lightning.prepare.crop_stage import make_crops
@@ -117,6 +118,10 @@ def run_log(output_dir: Path) -> Iterator[Path]:
 
 def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
     remove_stale_temporaries(output_dir)
+    taxonomy_file = settings.labels.taxonomy_file
+    if taxonomy_file and not Path(taxonomy_file).is_file():
+        # Checked before the long stages; its content is checked against the labels once they are known.
+        raise TaxonomyError(f"labels.taxonomy_file: {taxonomy_file} does not exist")
 
     report = PrepareReport()
     coco_file, images_dir = _resolve_inputs(settings, output_dir)
@@ -223,6 +228,13 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         )
         labels = write_dataset_files(frame, output_dir)
         result.detail = f"{len(frame)} crops, {len(labels)} labels"
+        taxonomy_path = output_dir / TAXONOMY_FILENAME
+        if settings.labels.taxonomy_file:
+            taxonomy = read_taxonomy(settings.labels.taxonomy_file, labels)
+            atomic_write_text(taxonomy_path, taxonomy.to_csv())
+            result.detail += ", taxonomy"
+        else:
+            taxonomy_path.unlink(missing_ok=True)  # a taxonomy of an earlier run does not describe these labels
         finish("dataset", _file_digest(output_dir / CSV_FILENAME))
 
     with stage("splits") as result:

@@ -46,6 +46,7 @@ from typing_extensions import override
 from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.errors import AnimlError, ConfigError
 from animl_lightning.core.files import atomic_write, atomic_write_bytes
+from animl_lightning.core.taxonomy import TAXONOMY_KEY, Taxonomy, TaxonomyError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,24 @@ class CheckpointContents:
         """The per-label threshold record (``thresholds.target_precision``), or None."""
         record = self.raw.get(THRESHOLDS_KEY)
         return dict(record) if isinstance(record, dict) else None
+
+    @property
+    def taxonomy(self) -> Taxonomy | None:
+        """The labels' taxonomy (``labels.taxonomy_file`` at prepare time), or None.
+
+        Raises:
+            CheckpointError: the stored taxonomy is malformed or lists other labels.
+        """
+        record = self.raw.get(TAXONOMY_KEY)
+        if record is None:
+            return None
+        try:
+            taxonomy = Taxonomy.from_dict(record, f"{self.path}, key '{TAXONOMY_KEY}'")
+        except TaxonomyError as err:
+            raise CheckpointError(str(err)) from err
+        if list(taxonomy.labels) != self.class_names:
+            raise CheckpointError(f"{self.path}, key '{TAXONOMY_KEY}': lists other labels than class_names")
+        return taxonomy
 
 
 def read_checkpoint(path: str | Path) -> CheckpointContents:

@@ -75,7 +75,7 @@ def smoothed_top_labels(
     for keys in passes:
         codes, _ = pd.factorize(pd.Series(keys, dtype=object))
         for members in pd.Series(np.arange(len(labels))).groupby(codes).indices.values():
-            rows = members[relevant[members]]
+            rows = np.asarray(members, dtype=np.int64)[relevant[members]]
             if len(rows) < 2:
                 continue
             smoothed = smooth_group(labels[rows].tolist(), confidence[rows].tolist(), other, options)

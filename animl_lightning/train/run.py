@@ -16,9 +16,9 @@ import signal
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -29,11 +29,19 @@ from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.files import remove_stale_temporaries
-from animl_lightning.train.checkpointing import CheckpointContents, CheckpointError, read_checkpoint
+from animl_lightning.core.taxonomy import RANKS, TAXONOMY_KEY, Taxonomy
+from animl_lightning.train.checkpointing import (
+    THRESHOLDS_KEY,
+    CheckpointContents,
+    CheckpointError,
+    read_checkpoint,
+    update_checkpoint,
+)
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.datamodule import CropDataModule
 from animl_lightning.train.sweeps import write_run_results
 from animl_lightning.train.tables import MetricTables
+from animl_lightning.train.thresholds import ThresholdSettings, choose_for_run, rank_per_label_table
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +111,7 @@ class RunSettings:
     ckpt_path: str | None
     monitor: str
     output_dir: str | None
+    thresholds: ThresholdSettings = field(default_factory=ThresholdSettings)
 
 
 def fit_and_evaluate(
@@ -135,7 +144,18 @@ def fit_and_evaluate(
 
     tables = next((c for c in trainer.callbacks if isinstance(c, MetricTables)), None)  # type: ignore[attr-defined]
     if tables is not None:
+        record = add_thresholds_and_ranks(tables, datamodule.prepared.taxonomy, settings.thresholds)
         tables.write(trainer)
+        if trainer.is_global_zero and settings.train and eval_ckpt:
+            # best.ckpt carries what classify and export need beside the weights and the temperature.
+            taxonomy = datamodule.prepared.taxonomy
+            if taxonomy is not None:
+                update_checkpoint(eval_ckpt, TAXONOMY_KEY, taxonomy.to_dict())
+            if record is not None:
+                update_checkpoint(eval_ckpt, THRESHOLDS_KEY, record)
+                log.info(
+                    "thresholds for target precision %s stored in %s", settings.thresholds.target_precision, eval_ckpt
+                )
     if trainer.is_global_zero:
         if tables is not None:
             print_tables(tables.per_label, tables.overall, tables.level_per_label("sequence"))
@@ -147,6 +167,42 @@ def fit_and_evaluate(
         # Read by the sweep summary (animl_lightning.hydra_callbacks): best val metric and the test metrics.
         write_run_results(settings.output_dir, settings.monitor, value, results)
     return value
+
+
+def add_thresholds_and_ranks(
+    tables: MetricTables, taxonomy: Taxonomy | None, settings: ThresholdSettings
+) -> dict[str, Any] | None:
+    """Add ``thresholds.csv`` (chosen on val) and ``per_label_<rank>.csv`` to the tables; return the record.
+
+    None when thresholds are off or there is no val evaluation.
+    """
+    evaluations = tables.evaluations
+    labels = next(iter(evaluations.values())).labels if evaluations else []
+
+    index = {name: i for i, name in enumerate(labels)}
+    arrays = {
+        split: (e.predictions[labels].to_numpy(dtype=float), e.predictions["label"].map(index).to_numpy(dtype=int))
+        for split, e in evaluations.items()
+    }
+    if taxonomy is not None:
+        for rank in RANKS:
+            if not taxonomy.taxa(rank):
+                continue
+            rows = [rank_per_label_table(*arrays[split], taxonomy, rank, split) for split in arrays]
+            tables.add_table(f"per_label_{rank}.csv", pd.concat(rows, ignore_index=True))
+    val = arrays.get("val")
+    if settings.target_precision is None or val is None:
+        return None
+    result = choose_for_run(val, arrays.get("test"), labels, settings, taxonomy)
+    tables.add_table("thresholds.csv", result.table)
+    missing = [label for label, value in result.record["per_label"].items() if value is None]
+    if missing:
+        log.warning(
+            "no threshold reaches val precision %s for %s (see thresholds.csv): classify marks them unknown",
+            settings.target_precision,
+            ", ".join(missing),
+        )
+    return result.record
 
 
 @contextmanager

@@ -122,6 +122,7 @@ class MetricTables(Callback):
         self._confusion_plot = confusion_plot
         self._log_to_wandb = log_to_wandb
         self._evaluations: dict[str, SplitEvaluation] = {}
+        self._extra: dict[str, pd.DataFrame] = {}
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @property
@@ -176,10 +177,20 @@ class MetricTables(Callback):
         if not isinstance(pl_module, CropClassifier):
             raise TypeError(f"MetricTables reports a CropClassifier's metrics, got {type(pl_module).__name__}")
 
+    def add_table(self, name: str, frame: pd.DataFrame) -> None:
+        """Write ``frame`` as ``name`` with the set (thresholds, taxonomy ranks: tables made from the evaluations)."""
+        self._extra[name] = frame
+
+    @property
+    def extra_tables(self) -> dict[str, pd.DataFrame]:
+        """The tables added with :meth:`add_table`."""
+        return dict(self._extra)
+
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Tables describe one model: a new fit starts a new report.
         self._evaluations.clear()
+        self._extra.clear()
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -276,6 +287,8 @@ class MetricTables(Callback):
                     self._write_csv(self.level_per_label(level), f"per_label_{level}.csv")
             if len(self.per_location):
                 self._write_csv(self.per_location, "per_location.csv")
+            for name, frame in self._extra.items():
+                self._write_csv(frame, name)
             for split, evaluation in self.evaluations.items():
                 confusion, labels = evaluation.confusion, evaluation.labels
                 self._write_csv(confusion_frame(confusion, labels), f"confusion_{split}.csv", index=True)

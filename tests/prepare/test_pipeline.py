@@ -216,3 +216,49 @@ def test_group_by_sequence_and_time_blocks_reach_training(tmp_path: Path) -> Non
     assert frame.groupby("split_group")["split"].nunique().max() == 1
     info = json.loads((blocks / INFO_FILENAME).read_text(encoding="utf-8"))
     assert info["settings"]["split"]["group_by"] == "location_time"
+
+
+def test_taxonomy_file_is_checked_against_the_labels_and_copied(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    _run(f"output_dir={out}", *SMALL_DEMO)
+    labels = load_prepared_dataset(out).labels
+    rows = ["label,class,order,family,genus,species"]
+    rows += [f"{label},mammalia,order_{i % 2},family_{i},genus_{i}," for i, label in enumerate(labels)]
+    taxonomy_file = tmp_path / "taxonomy_in.csv"
+    taxonomy_file.write_text("\n".join(rows) + "\n")
+    _run(f"output_dir={out}", *SMALL_DEMO, f"labels.taxonomy_file={taxonomy_file}")
+    taxonomy = load_prepared_dataset(out).taxonomy
+    assert taxonomy is not None and list(taxonomy.labels) == labels
+    assert taxonomy.taxa("order") == ["order_0", "order_1"]
+
+    # A label missing from the file: one line naming the file and the label; the earlier taxonomy is not kept.
+    taxonomy_file.write_text("\n".join(rows[:-1]) + "\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "prepare.py"),
+            f"output_dir={out}",
+            *SMALL_DEMO,
+            f"labels.taxonomy_file={taxonomy_file}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert f"labels ['{labels[-1]}'] have no row" in result.stderr and "Traceback" not in result.stderr
+    # Without the key, a rerun removes the old taxonomy.csv (it would describe other labels one day).
+    _run(f"output_dir={out}", *SMALL_DEMO)
+    assert load_prepared_dataset(out).taxonomy is None
+
+
+def test_missing_taxonomy_file_stops_before_any_stage(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "prepare.py"), f"output_dir={out}", *SMALL_DEMO, "labels.taxonomy_file=nope.csv"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "labels.taxonomy_file: nope.csv does not exist" in result.stderr
+    assert not (out / CSV_FILENAME).exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -31,6 +32,13 @@ LABELS = ["bird", "fox", "skunk"]
 SPLITS = ["train", "val", "test"]
 
 
+TAXONOMY_CSV = """label,class,order,family,genus,species
+bird,aves,,,,
+fox,mammalia,carnivora,canidae,vulpes,vulpes vulpes
+skunk,mammalia,carnivora,mephitidae,mephitis,mephitis mephitis
+"""
+
+
 def run_train(data_dir: Path, output_dir: Path, *overrides: str) -> float | None:
     cfg = compose_train(data_dir, output_dir, overrides)
     return train_script.train(cfg)
@@ -39,7 +47,9 @@ def run_train(data_dir: Path, output_dir: Path, *overrides: str) -> float | None
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # fox has no crop in the test split: its test row must still exist (support 0, recall NaN)
-    return make_prepared_dataset(tmp_path_factory.mktemp("data"), missing=[("test", "fox")])
+    root = make_prepared_dataset(tmp_path_factory.mktemp("data"), missing=[("test", "fox")])
+    (root / "taxonomy.csv").write_text(TAXONOMY_CSV)  # as prepare.py writes it for labels.taxonomy_file
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -372,3 +382,72 @@ def test_eval_smoothing_must_be_a_known_level(data_dir: Path, tmp_path: Path) ->
     assert result.returncode == 2
     assert "eval.smoothing: must be one of ['none', 'image', 'sequence'], got 'video'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _expected_thresholds(predictions: pd.DataFrame, target: float, min_support: int) -> dict[str, float | None]:
+    """Independently: per label, the lowest probability t such that the crops predicted as it with confidence
+    >= t are at least ``min_support`` and at least ``target`` right."""
+    predictions = predictions.assign(confidence=predictions[LABELS].max(axis=1))
+    out: dict[str, float | None] = {}
+    for label in LABELS:
+        mine = predictions[predictions["prediction"] == label]
+        out[label] = None
+        if not (predictions["label"] == label).any():
+            continue
+        for t in sorted(mine["confidence"].unique(), reverse=True):
+            chosen = mine[mine["confidence"] >= t]
+            if len(chosen) >= min_support and (chosen["label"] == label).mean() >= target:
+                out[label] = float(t)
+    return out
+
+
+def _thresholds_csv(run: Path) -> dict[str, float | None]:
+    table = pd.read_csv(run / "metrics" / "thresholds.csv")
+    rows = table[table["rank"] == "label"].set_index("label")
+    assert all(bool(rows.loc[label, "reason"]) for label in LABELS if np.isnan(rows.loc[label, "threshold"]))
+    return {label: None if np.isnan(v) else float(v) for label, v in rows["threshold"].items()}
+
+
+def test_thresholds_are_chosen_on_val_stored_in_the_checkpoint_and_tabled(
+    fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path
+) -> None:
+    output, _ = fitted
+    val = pd.read_csv(output / "metrics" / "predictions_val.csv")
+    got = _thresholds_csv(output)
+    assert got == pytest.approx(_expected_thresholds(val, 0.95, 10), abs=1e-6)
+    raw = torch.load(output / "checkpoints" / "best.ckpt", weights_only=True)
+    record = raw["thresholds"]
+    assert record["target_precision"] == 0.95 and record["min_support"] == 10
+    assert record["per_label"] == pytest.approx(got, abs=1e-6)
+    assert raw["taxonomy"]["labels"] == LABELS
+    table = pd.read_csv(output / "metrics" / "thresholds.csv")
+    assert {"val_precision_at_0.5", "test_coverage"} <= set(table.columns)
+    assert set(table["rank"]) == {"label", "class", "order", "family", "genus", "species"}
+
+    # With a lower bar (val has 8 crops per label), thresholds exist and still follow the definition.
+    best = output / "checkpoints" / "best.ckpt"
+    overrides = ["thresholds.target_precision=0.8", "thresholds.min_support=3"]
+    run_train(data_dir, tmp_path, "train=false", f"ckpt_path={best}", *overrides)
+    lower = _thresholds_csv(tmp_path)
+    assert any(v is not None for v in lower.values())
+    assert lower == pytest.approx(_expected_thresholds(val, 0.8, 3), abs=1e-6)
+
+
+@pytest.mark.parametrize("rank", ["class", "family"])
+def test_rank_tables_equal_an_independent_pandas_computation(fitted: tuple[Path, float | None], rank: str) -> None:
+    output, _ = fitted
+    taxonomy = pd.read_csv(io.StringIO(TAXONOMY_CSV), keep_default_na=False).set_index("label")
+    table = pd.read_csv(output / "metrics" / f"per_label_{rank}.csv")
+    taxa = sorted(t for t in taxonomy[rank].unique() if t)
+    for split in SPLITS:
+        predictions = pd.read_csv(output / "metrics" / f"predictions_{split}.csv")
+        summed = pd.DataFrame({t: predictions[list(taxonomy.index[taxonomy[rank] == t])].sum(axis=1) for t in taxa})
+        truth = predictions["label"].map(taxonomy[rank])
+        keep = truth != ""
+        predicted = summed[keep].idxmax(axis=1)
+        got = table[table["split"] == split].set_index("label")
+        for taxon in taxa:
+            tp = int(((truth[keep] == taxon) & (predicted == taxon)).sum())
+            fp = int(((truth[keep] != taxon) & (predicted == taxon)).sum())
+            fn = int(((truth[keep] == taxon) & (predicted != taxon)).sum())
+            assert got.loc[taxon, ["tp", "fp", "fn"]].tolist() == [tp, fp, fn], (split, taxon)
