@@ -43,7 +43,7 @@ from animl_lightning.train.checkpointing import AtomicCheckpointIO, read_checkpo
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.datamodule import CropDataModule
 from animl_lightning.train.run import (
-    RunSettings,
+    RUN_KEYS,
     check_checkpoint_fits,
     check_monitor,
     checkpoint_data_dir,
@@ -51,9 +51,9 @@ from animl_lightning.train.run import (
     model_to_evaluate,
     resolve_precision,
     resolve_sync_batchnorm,
+    run_settings,
 )
 from animl_lightning.train.sweeps import process_rank
-from animl_lightning.train.thresholds import ThresholdSettings
 
 log = logging.getLogger("train")
 
@@ -112,8 +112,8 @@ def train(cfg: DictConfig) -> float | None:
         trainer_args["sync_batchnorm"] = resolve_sync_batchnorm(bool(cfg.trainer.sync_batchnorm), accelerator)
     trainer: Trainer = instantiate(cfg.trainer, **trainer_args)
     output_dir = str(cfg.paths.output_dir)
-    thresholds = ThresholdSettings.from_mapping(OmegaConf.to_container(cfg.thresholds) if "thresholds" in cfg else {})
-    settings = RunSettings(bool(cfg.train), bool(cfg.test), cfg.ckpt_path, str(cfg.monitor), output_dir, thresholds)
+    keys = [key for key in RUN_KEYS if key in cfg]
+    settings = run_settings(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True), output_dir)
     with ExitStack() as stack:
         if process_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
             # One process writes a run folder: a second train.py resuming into it is refused (DDP ranks are not).

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 
 from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import CropRule
@@ -39,6 +40,7 @@ from animl_lightning.train.checkpointing import (
 )
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.datamodule import CropDataModule
+from animl_lightning.train.report import ReportSettings, build_report, report_settings
 from animl_lightning.train.sweeps import write_run_results
 from animl_lightning.train.tables import MetricTables
 from animl_lightning.train.thresholds import ThresholdSettings, choose_for_run, rank_per_label_table
@@ -112,6 +114,24 @@ class RunSettings:
     monitor: str
     output_dir: str | None
     thresholds: ThresholdSettings = field(default_factory=ThresholdSettings)
+    report: ReportSettings | None = field(default_factory=ReportSettings)
+
+
+RUN_KEYS = ("train", "test", "ckpt_path", "monitor", "thresholds", "report")
+
+
+def run_settings(values: Any, output_dir: str | None) -> RunSettings:
+    """:class:`RunSettings` from the :data:`RUN_KEYS` of ``configs/train.yaml`` (plain values)."""
+    values = dict(values or {})
+    return RunSettings(
+        train=bool(values.get("train", True)),
+        test=bool(values.get("test", True)),
+        ckpt_path=values.get("ckpt_path"),
+        monitor=str(values.get("monitor", "val/balanced_accuracy")),
+        output_dir=output_dir,
+        thresholds=ThresholdSettings.from_mapping(values.get("thresholds")),
+        report=report_settings(values.get("report")),
+    )
 
 
 def fit_and_evaluate(
@@ -166,7 +186,35 @@ def fit_and_evaluate(
     if trainer.is_global_zero and settings.output_dir is not None:
         # Read by the sweep summary (animl_lightning.hydra_callbacks): best val metric and the test metrics.
         write_run_results(settings.output_dir, settings.monitor, value, results)
+        if tables is not None and settings.report is not None:
+            write_report(trainer, settings.output_dir, settings.report)
     return value
+
+
+def write_report(trainer: Trainer, output_dir: str, report: ReportSettings) -> Path | None:
+    """``report.html`` in the run folder, uploaded as a wandb artifact with ``logger=wandb``.
+
+    The tables and checkpoints are already written: a report that cannot be built costs a warning, not the run.
+    """
+    try:
+        path = build_report(output_dir, report)
+    except Exception as err:  # the report is derived from files already saved; the run itself succeeded
+        log.warning(
+            "report.html could not be built (%s: %s); rebuild it with python -m animl_lightning.report run_dir=%s",
+            type(err).__name__,
+            err,
+            output_dir,
+        )
+        return None
+    log.info("report: %s", path)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            artifact = wandb.Artifact(f"report-{logger.experiment.id}", type="report")
+            artifact.add_file(str(path), name=path.name)
+            logger.experiment.log_artifact(artifact)
+    return path
 
 
 def add_thresholds_and_ranks(

@@ -57,5 +57,5 @@ def test_mistakes_are_named_in_one_line(tmp_path: Path, text: str, message: str)
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(TaxonomyError, match="labels.taxonomy_file: .*nope.csv does not exist"):
+    with pytest.raises(TaxonomyError, match=r"labels.taxonomy_file: .*nope.csv does not exist"):
         read_taxonomy(tmp_path / "nope.csv", LABELS)

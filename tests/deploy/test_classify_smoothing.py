@@ -124,7 +124,7 @@ def test_sequence_smoothing_matches_megadetectors_and_keeps_the_models_classific
 def test_a_rerun_resumes_from_the_models_classifications(
     checkpoint: Path, bursts: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
-    md, cct, images = bursts
+    md, _, images = bursts
     output = tmp_path / "out.json"
     smoothed = _classify(checkpoint, md, images, output, "classify.smoothing=image", *SMOOTHING)
     assert any(BEFORE_SMOOTHING in d for d in _all(smoothed))

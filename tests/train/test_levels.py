@@ -23,7 +23,7 @@ def test_a_burst_of_five_with_three_right_is_one_right_sequence() -> None:
     target = np.full(5, DEER)
     units = group_units(probs, target, np.array(["s1"] * 5, dtype=object))
     assert units.target.tolist() == [DEER] and units.prediction.tolist() == [DEER]
-    confusion, table, overall = level_tables(units, LABELS, "val")
+    _, table, overall = level_tables(units, LABELS, "val")
     assert overall["n"] == 1 and overall["top1"] == 1.0
     assert table.set_index("label").loc["deer", ["tp", "fp", "fn"]].tolist() == [1, 0, 0]
     # Per crop, the same burst is 3 right and 2 wrong.

@@ -90,9 +90,9 @@ def test_test_rows_never_influence_the_choice() -> None:
 
 
 def test_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="thresholds.target_precision"):
+    with pytest.raises(ConfigError, match=r"thresholds\.target_precision"):
         ThresholdSettings(1.5)
-    with pytest.raises(ConfigError, match="thresholds.min_support"):
+    with pytest.raises(ConfigError, match=r"thresholds\.min_support"):
         ThresholdSettings(0.9, 0)
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['precision'\]"):
         ThresholdSettings.from_mapping({"precision": 0.9})

@@ -1,0 +1,34 @@
+"""``python -m animl_lightning.report run_dir=RUN``: rebuild ``report.html`` of a finished ``train.py`` run.
+
+Settings: ``configs/report.yaml``. The Hydra edge only: the page is
+:func:`animl_lightning.train.report.build_report`; a folder that is not a finished run ends with one line.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from animl_lightning.cli import CONFIG_DIR, run_command
+from animl_lightning.core.errors import ConfigError
+
+
+def report(cfg: DictConfig) -> None:
+    """Build the page and say where it went."""
+    from animl_lightning.train.report import ReportSettings, build_report
+
+    if OmegaConf.is_missing(cfg, "run_dir") or not cfg.run_dir:
+        raise ConfigError("run_dir: must be set to a train.py run folder (e.g. run_dir=outputs/train/DATE/TIME)")
+    settings = ReportSettings(int(cfg.table_rows), int(cfg.confusion_max_labels), int(cfg.gallery_labels))
+    path = build_report(str(cfg.run_dir), settings)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="report")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    run_command(lambda: report(cfg), "report")
+
+
+if __name__ == "__main__":
+    main()

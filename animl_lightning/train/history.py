@@ -1,0 +1,79 @@
+"""``metrics/history.csv``: one row per epoch of the epoch-level metrics and the learning rate, whatever the logger.
+
+The report's training curves come from this file, so they exist with ``logger=wandb``, ``tensorboard`` or ``none``
+as well as with the CSV logger. A row is complete only once the epoch's train metrics are logged, which happens
+after its validation; so the row of epoch ``e`` is taken when epoch ``e + 1`` starts, and the last one when the fit
+ends. The rows travel in the checkpoint (the callback's state), so a resumed run continues the same history.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.files import atomic_write
+
+HISTORY_FILENAME = "history.csv"
+
+
+class EpochHistory(Callback):
+    """Write ``<dirpath>/history.csv`` (``epoch``, ``lr``, then every ``train/*`` and ``val/*`` epoch metric).
+
+    Args:
+        dirpath: the run's metrics folder.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        super().__init__()
+        if not dirpath:
+            raise ConfigError("callbacks.epoch_history.dirpath must be set")
+        self._path = Path(dirpath) / HISTORY_FILENAME
+        self._rows: list[dict[str, float]] = []
+        self._lr: float = math.nan
+
+    @property
+    def rows(self) -> list[dict[str, float]]:
+        """The recorded epochs."""
+        return list(self._rows)
+
+    def _record(self, trainer: Trainer, epoch: int) -> None:
+        if trainer.sanity_checking or any(row["epoch"] == epoch for row in self._rows):
+            return
+        values = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith(("train/", "val/")) and "batch" not in name and getattr(value, "numel", lambda: 1)() == 1
+        }
+        if not values:
+            return
+        self._rows.append({"epoch": float(epoch), "lr": self._lr, **values})
+        if trainer.is_global_zero:
+            frame = pd.DataFrame(self._rows)
+            with atomic_write(self._path, "w") as handle:
+                frame.to_csv(handle, index=False, lineterminator="\n", float_format="%.6g")
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self._record(trainer, trainer.current_epoch - 1)
+        optimizers = trainer.optimizers
+        self._lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer, trainer.current_epoch - 1 if trainer.current_epoch > 0 else 0)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [dict(row) for row in self._rows]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rows = [dict(row) for row in state_dict.get("rows", [])]
