@@ -25,3 +25,14 @@ def _clean_hydra() -> Iterator[None]:
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(autouse=True)
+def _pil_reads_truncated_images_as_damaged() -> Iterator[None]:
+    """Importing the megadetector package sets PIL's process-wide ``LOAD_TRUNCATED_IMAGES = True`` (its
+    visualization_utils does, at import); the tests that compare with it must not change what later tests see."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = before

@@ -1,4 +1,4 @@
-"""``metrics/history.csv``: one row per epoch of the epoch-level metrics and the learning rate, whatever the logger.
+"""``<run>/history.csv``: one row per epoch of the epoch-level metrics and the learning rate, whatever the logger.
 
 The report's training curves come from this file, so they exist with ``logger=wandb``, ``tensorboard`` or ``none``
 as well as with the CSV logger. A row is complete only once the epoch's train metrics are logged, which happens
@@ -27,7 +27,7 @@ class EpochHistory(Callback):
     """Write ``<dirpath>/history.csv`` (``epoch``, ``lr``, then every ``train/*`` and ``val/*`` epoch metric).
 
     Args:
-        dirpath: the run's metrics folder.
+        dirpath: the run folder (not ``metrics/``, which holds the evaluation tables as a set or nothing).
     """
 
     def __init__(self, dirpath: str) -> None:

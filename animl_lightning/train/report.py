@@ -1,6 +1,6 @@
 """``report.html``: one self-contained page per run, for the people who decide whether to use the model.
 
-Built from what the run folder already holds (``metrics/*.csv``, ``metrics/history.csv``, the confusion PNGs,
+Built from what the run folder already holds (``metrics/*.csv``, ``history.csv``, the confusion PNGs,
 ``galleries/``, ``checkpoints/best.ckpt``, ``.hydra/``) and the prepared dataset it was trained on
 (``classification_ds.csv``, ``splits.json``, ``split_report.csv``, ``prepare_report.json``). Sections: model card
 (model, input size, data, intended use, known limits, command, config, package versions), dataset, training
@@ -355,7 +355,7 @@ def build_report(run_dir: str | Path, settings: ReportSettings | None = None) ->
 
     overall = _read_csv(metrics / "overall.csv")
     per_location = _read_csv(metrics / "per_location.csv")
-    history = _read_csv(metrics / HISTORY_FILENAME)
+    history = _read_csv(run / HISTORY_FILENAME)
     if history is None:
         history = pd.DataFrame()
     results_json = run / "results.json"

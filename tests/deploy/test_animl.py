@@ -214,7 +214,13 @@ def test_handler_server_and_classify_give_the_same_probabilities(
     classified = {}
     for backend in ("torch", "onnxruntime"):
         settings = ClassifySettings(
-            threshold=0.5, min_conf=0.0, top_k=len(CLASS_NAMES), num_workers=2, batch_size=4, backend=backend
+            threshold=0.5,
+            min_conf=0.0,
+            top_k=len(CLASS_NAMES),
+            num_workers=2,
+            batch_size=4,
+            backend=backend,
+            thresholds=False,  # the model's probabilities, not the unknown/threshold decisions
         )
         output = tmp_path / f"{backend}.json"
         classify_detections(loaded, detections, photos[0].parent, output, settings)
