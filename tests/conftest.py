@@ -36,3 +36,21 @@ def _pil_reads_truncated_images_as_damaged() -> Iterator[None]:
     before = ImageFile.LOAD_TRUNCATED_IMAGES
     yield
     ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A command run in-process (``main()`` under Hydra) installs log handlers on the test's captured streams;
+    they must not outlive the test, or a later test logs into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

@@ -207,7 +207,7 @@ def test_classify_resume_with_another_checkpoint_classifies_again(tmp_path: Path
     first = write_checkpoint(tmp_path / "a.ckpt")
     second = write_checkpoint(tmp_path / "b.ckpt", seed=1)
     output = tmp_path / "out.json"
-    settings = ClassifySettings(num_workers=0)
+    settings = ClassifySettings(num_workers=0, backend="torch")
     run_classify(first, output, detections_file=detections, images_dir=images, device="cpu", settings=settings)
     summary = run_classify(
         second, output, detections_file=detections, images_dir=images, device="cpu", settings=settings

@@ -336,7 +336,11 @@ def test_serve_command_serves_a_bundle_and_refuses_a_folder_that_is_not_one(
     assert result.stderr.strip().count("\n") == 0 and "bundle.json does not exist" in result.stderr
 
 
-def test_export_animl_refuses_bad_settings_with_one_line(checkpoint: Path, tmp_path: Path) -> None:
+def test_export_animl_refuses_bad_settings_with_one_line(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from animl_lightning.export import main
+
     a_file = tmp_path / "model.txt"
     a_file.write_text("x")
     cases = [
@@ -345,9 +349,12 @@ def test_export_animl_refuses_bad_settings_with_one_line(checkpoint: Path, tmp_p
         ((f"output={tmp_path / 'out'}", "animl.default_threshold=1.5"), "threshold"),
     ]
     for extra, reason in cases:
-        result = run_command("export", [f"checkpoint={checkpoint}", "format=animl", *extra])
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert reason in result.stderr and "Traceback" not in result.stderr
+        monkeypatch.setattr(sys, "argv", ["animl_lightning.export", f"checkpoint={checkpoint}", "format=animl", *extra])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        assert stop.value.code == 2
+        captured = capsys.readouterr()
+        assert reason in captured.err and "Traceback" not in captured.out + captured.err
         assert not (tmp_path / "out").exists()
         assert not list(tmp_path.glob(".*tmp*"))
 

@@ -34,7 +34,7 @@ from tests.fixtures.hydra import REPO_ROOT
 from tests.fixtures.models import CLASS_NAMES, write_checkpoint, write_megadetector_file
 
 REPO = REPO_ROOT
-SETTINGS = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=0, top_k=3)
+SETTINGS = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=0, top_k=3, backend="torch")
 # (image index, detection index) of the detections at or above 0.8 in readable images.
 CLASSIFIED = {(0, 0), (0, 3), (1, 0), (6, 0), (6, 1)}
 
@@ -102,7 +102,7 @@ def test_megadetector_file_gets_classifications(loaded: LoadedClassifier, tmp_pa
 def test_probabilities_use_the_checkpoint_crop_rule_and_preprocessing(loaded: LoadedClassifier, tmp_path: Path) -> None:
     detections_file, images_dir, original = write_megadetector_file(tmp_path)
     output = tmp_path / "classified.json"
-    settings = ClassifySettings(threshold=0.8, min_conf=0.0, batch_size=8, num_workers=0)
+    settings = ClassifySettings(threshold=0.8, min_conf=0.0, batch_size=8, num_workers=0, backend="torch")
     classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
     detection = _read(output)["images"][0]["detections"][0]
 
@@ -120,7 +120,7 @@ def test_probabilities_use_the_checkpoint_crop_rule_and_preprocessing(loaded: Lo
 def test_min_conf_filters_classifications(loaded: LoadedClassifier, tmp_path: Path) -> None:
     detections_file, images_dir, _ = write_megadetector_file(tmp_path)
     output = tmp_path / "classified.json"
-    settings = ClassifySettings(threshold=0.8, min_conf=0.26, num_workers=0)
+    settings = ClassifySettings(threshold=0.8, min_conf=0.26, num_workers=0, backend="torch")
     classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
     confs = [
         c[1]
@@ -175,7 +175,7 @@ def test_rerun_resumes_finished_images(loaded: LoadedClassifier, tmp_path: Path)
     assert third.detections_classified == 0 and third.detections_failed == 2
 
     # Other settings give other classifications: nothing is kept.
-    stricter = ClassifySettings(threshold=0.8, min_conf=0.2, batch_size=3, num_workers=0, top_k=3)
+    stricter = ClassifySettings(threshold=0.8, min_conf=0.2, batch_size=3, num_workers=0, top_k=3, backend="torch")
     fourth = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, stricter)
     assert fourth.detections_resumed == 0 and fourth.detections_classified == len(CLASSIFIED)
     assert _read(output)["info"]["classifier_metadata"]["min_conf"] == 0.2
@@ -195,7 +195,9 @@ def test_interrupted_run_leaves_a_partial_output_that_resumes(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(classify_module, "_batches", interrupted)
-    settings = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=2, num_workers=0, save_interval_s=0)
+    settings = ClassifySettings(
+        threshold=0.8, min_conf=0.05, batch_size=2, num_workers=0, save_interval_s=0, backend="torch"
+    )
     with pytest.raises(KeyboardInterrupt):
         classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
     partial = _read(output)
@@ -222,7 +224,7 @@ def test_dataloader_workers_give_the_same_results(loaded: LoadedClassifier, tmp_
     detections_file, images_dir, _ = write_megadetector_file(tmp_path)
     results = read_detections_file(detections_file)
     classify_detections(loaded, results, images_dir, tmp_path / "w0.json", SETTINGS)
-    with_workers = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=2)
+    with_workers = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=2, backend="torch")
     classify_detections(loaded, results, images_dir, tmp_path / "w2.json", with_workers)
     assert _read(tmp_path / "w0.json")["images"] == _read(tmp_path / "w2.json")["images"]
 
@@ -410,7 +412,7 @@ def test_a_zero_width_box_fails_that_detection_only(loaded: LoadedClassifier, tm
     original["images"][0]["detections"][0]["bbox"] = [0.1, 0.2, 0.0, 0.25]  # rounded to zero width by the detector
     detections_file.write_text(json.dumps(original))
     output = tmp_path / "classified.json"
-    settings = ClassifySettings(threshold=0.8, min_conf=0.0, num_workers=0)
+    settings = ClassifySettings(threshold=0.8, min_conf=0.0, num_workers=0, backend="torch")
     summary = classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
     first = _read(output)["images"][0]["detections"]
     assert "classifications" not in first[0]

@@ -27,7 +27,7 @@ TAXONOMY = Taxonomy(
         "species": ("", "", "vulpes vulpes", ""),
     },
 )
-SETTINGS = ClassifySettings(threshold=0.8, min_conf=0.0, batch_size=4, num_workers=0, top_k=4)
+SETTINGS = ClassifySettings(threshold=0.8, min_conf=0.0, batch_size=4, num_workers=0, top_k=4, backend="torch")
 
 
 def _checkpoint(tmp_path: Path, record: dict[str, Any], taxonomy: Taxonomy | None) -> Path:
