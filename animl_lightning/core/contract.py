@@ -247,6 +247,8 @@ class PreparedDataset:
     frame: pd.DataFrame
     labels: list[str]
     splits: dict[str, list[LocationKey]]
+    # The labels' taxonomy (``taxonomy.csv``, written by ``labels.taxonomy_file``), or None.
+    taxonomy: Taxonomy | None = None
 
     @property
     def crops_dir(self) -> Path:
@@ -257,11 +259,6 @@ class PreparedDataset:
         """Rows of one split."""
         return self.frame[self.frame["split"] == split].reset_index(drop=True)
 
-    @property
-    def taxonomy(self) -> Taxonomy | None:
-        """The labels' taxonomy (``taxonomy.csv``, written by ``labels.taxonomy_file``), or None."""
-        path = self.root / TAXONOMY_FILENAME
-        return read_taxonomy(path, self.labels) if path.is_file() else None
 
 
 def crop_groups(frame: pd.DataFrame) -> pd.DataFrame:
@@ -359,7 +356,9 @@ def load_prepared_dataset(root: str | Path, check_files: bool = True) -> Prepare
         split=pd.Series(split_col, index=frame.index, dtype="string"),
         label_idx=frame["label"].astype(str).map(label_to_idx).astype(np.int64),
     )
-    return PreparedDataset(root=root, frame=frame, labels=labels, splits=splits)
+    taxonomy_path = root / TAXONOMY_FILENAME
+    taxonomy = read_taxonomy(taxonomy_path, labels) if taxonomy_path.is_file() else None
+    return PreparedDataset(root=root, frame=frame, labels=labels, splits=splits, taxonomy=taxonomy)
 
 
 def _check_disjoint(splits: Mapping[str, Sequence[LocationKey]], source: str) -> None:

@@ -36,7 +36,7 @@ from animl_lightning.train.checkpointing import (
     CheckpointContents,
     CheckpointError,
     read_checkpoint,
-    update_checkpoint,
+    update_checkpoint_keys,
 )
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.datamodule import CropDataModule
@@ -164,18 +164,17 @@ def fit_and_evaluate(
 
     tables = next((c for c in trainer.callbacks if isinstance(c, MetricTables)), None)  # type: ignore[attr-defined]
     if tables is not None:
-        record = add_thresholds_and_ranks(tables, datamodule.prepared.taxonomy, settings.thresholds)
+        taxonomy = datamodule.prepared.taxonomy
+        record = add_thresholds_and_ranks(tables, taxonomy, settings.thresholds)
         tables.write(trainer)
         if trainer.is_global_zero and settings.train and eval_ckpt:
             # best.ckpt carries what classify and export need beside the weights and the temperature.
-            taxonomy = datamodule.prepared.taxonomy
-            if taxonomy is not None:
-                update_checkpoint(eval_ckpt, TAXONOMY_KEY, taxonomy.to_dict())
+            records = {TAXONOMY_KEY: taxonomy.to_dict()} if taxonomy is not None else {}
             if record is not None:
-                update_checkpoint(eval_ckpt, THRESHOLDS_KEY, record)
-                log.info(
-                    "thresholds for target precision %s stored in %s", settings.thresholds.target_precision, eval_ckpt
-                )
+                records[THRESHOLDS_KEY] = record
+            if records:
+                update_checkpoint_keys(eval_ckpt, records)
+                log.info("%s stored in %s", " and ".join(records), eval_ckpt)
     if trainer.is_global_zero:
         if tables is not None:
             print_tables(tables.per_label, tables.overall, tables.level_per_label("sequence"))
