@@ -31,7 +31,7 @@ import pandas as pd
 from animl_lightning.core.errors import DataError
 from animl_lightning.core.smoothing import SMOOTHING_LEVELS, SmoothingOptions, smooth_group
 from animl_lightning.train.calibration import expected_calibration_error, per_label_calibration_error
-from animl_lightning.train.scores import macro_scores, per_label_table
+from animl_lightning.train.scores import confusion_of, macro_scores, per_label_table
 
 GROUP_LEVELS = ("image", "sequence")
 GROUP_COLUMNS = ("image", "sequence", "location", "confidence")
@@ -129,8 +129,7 @@ def level_tables(
 ) -> tuple[np.ndarray, pd.DataFrame, dict[str, float]]:
     """Confusion matrix, per-label rows and overall values of one level's units (crop-level definitions)."""
     n = len(labels)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (units.target, units.prediction), 1)
+    confusion = confusion_of(units.target, units.prediction, n)
     table = per_label_table(confusion, labels, split)
     overall: dict[str, float] = {"n": float(len(units.target))}
     if len(units.target):

@@ -69,6 +69,13 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
+def confusion_of(truth: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
+    """``C[i, j]`` = items of true label ``i`` predicted as ``j``, from label indices (``n`` labels)."""
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(truth, dtype=np.int64), np.asarray(predicted, dtype=np.int64)), 1)
+    return confusion
+
+
 def per_label_table(confusion: np.ndarray, labels: Sequence[str], split: str) -> pd.DataFrame:
     """One row per label with precision, recall, Type I/II error and the counts (see module docstring).
 

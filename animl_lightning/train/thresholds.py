@@ -30,7 +30,7 @@ import pandas as pd
 
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.taxonomy import RANKS, Taxonomy
-from animl_lightning.train.scores import per_label_table
+from animl_lightning.train.scores import confusion_of, per_label_table
 
 COMPARISON_THRESHOLD = 0.5
 THRESHOLD_COLUMNS: tuple[str, ...] = (
@@ -212,10 +212,8 @@ def rank_per_label_table(
     A crop's predicted taxon is the one with the highest summed probability.
     """
     taxa, rolled, truth = rolled_up(probs, target, taxonomy, rank)
-    confusion = np.zeros((len(taxa), len(taxa)), dtype=np.int64)
-    if len(truth):
-        np.add.at(confusion, (truth, rolled.argmax(axis=1)), 1)
-    return per_label_table(confusion, taxa, split)
+    predicted = rolled.argmax(axis=1) if len(truth) else np.zeros(0, dtype=np.int64)
+    return per_label_table(confusion_of(truth, predicted, len(taxa)), taxa, split)
 
 
 @dataclass(frozen=True)
