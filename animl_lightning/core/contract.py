@@ -260,7 +260,6 @@ class PreparedDataset:
         return self.frame[self.frame["split"] == split].reset_index(drop=True)
 
 
-
 def crop_groups(frame: pd.DataFrame) -> pd.DataFrame:
     """``path, image, sequence, location, confidence`` per crop: the keys of the image, sequence and location tables.
 

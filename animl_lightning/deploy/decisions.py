@@ -76,19 +76,33 @@ def _seven(name: str, ranks: str) -> str:
 
 
 @dataclass(frozen=True)
+class LineageStep:
+    """One rank of a label's lineage that has a threshold: its taxon and the labels under it."""
+
+    rank: str
+    taxon: str
+    threshold: float
+    members: np.ndarray
+
+
+@dataclass(frozen=True)
 class ThresholdRule:
-    """The per-label thresholds (NaN where a label has none) and, per rank, the taxa's."""
+    """The per-label thresholds (NaN where a label has none) and each label's lineage, lowest rank first.
+
+    The lineages are worked out once per run, not once per detection below its threshold.
+    """
 
     per_label: np.ndarray
-    per_taxon: Mapping[str, Mapping[str, float | None]]
-    taxonomy: Taxonomy | None
+    lineages: tuple[tuple[LineageStep, ...], ...]
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], labels: Sequence[str], taxonomy: Taxonomy | None) -> ThresholdRule:
         """From the checkpoint's thresholds record."""
         per_label = record.get("per_label") or {}
         values = np.array([np.nan if per_label.get(n) is None else float(per_label[n]) for n in labels])
-        return cls(per_label=values, per_taxon=dict(record.get("per_taxon") or {}), taxonomy=taxonomy)
+        per_taxon: Mapping[str, Mapping[str, float | None]] = record.get("per_taxon") or {}
+        lineages = [() if taxonomy is None else _lineage(taxonomy, per_taxon, i) for i in range(len(labels))]
+        return cls(per_label=values, lineages=tuple(lineages))
 
     def decide(self, probabilities: np.ndarray, categories: DecisionCategories) -> tuple[str, float] | None:
         """None when the best label passes its threshold; else the (category id, probability) to report."""
@@ -97,17 +111,25 @@ class ThresholdRule:
         limit = self.per_label[best]
         if not np.isnan(limit) and confidence >= limit:
             return None
-        if self.taxonomy is not None:
-            for rank in reversed(RANKS):
-                taxon = self.taxonomy.ranks[rank][best]
-                threshold = (self.per_taxon.get(rank) or {}).get(taxon) if taxon else None
-                if threshold is None:
+        for step in self.lineages[best]:
+            total = float(np.sum(probabilities[step.members]))
+            if total >= step.threshold:
+                category = categories.taxon_ids.get((step.rank, step.taxon))
+                if category is None:  # a species taxon that is the label itself
                     continue
-                members = [i for i, t in enumerate(self.taxonomy.ranks[rank]) if t == taxon]
-                total = float(np.sum(probabilities[members]))
-                if total >= threshold:
-                    category = categories.taxon_ids.get((rank, taxon))
-                    if category is None:  # a species taxon that is the label itself
-                        continue
-                    return category, total
+                return category, total
         return categories.unknown_id, confidence
+
+
+def _lineage(
+    taxonomy: Taxonomy, per_taxon: Mapping[str, Mapping[str, float | None]], label: int
+) -> tuple[LineageStep, ...]:
+    steps = []
+    for rank in reversed(RANKS):
+        column = taxonomy.ranks[rank]
+        taxon = column[label]
+        threshold = (per_taxon.get(rank) or {}).get(taxon) if taxon else None
+        if threshold is not None:
+            members = np.array([i for i, t in enumerate(column) if t == taxon], dtype=np.int64)
+            steps.append(LineageStep(rank, taxon, float(threshold), members))
+    return tuple(steps)
