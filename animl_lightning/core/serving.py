@@ -183,3 +183,19 @@ def request_probabilities(
 def animl_response(labels: Sequence[str], probabilities: NDArray[np.floating[Any]]) -> dict[str, float]:
     """The flat ``{label: probability}`` object Animl expects: every label, rounded to 6 digits."""
     return {label: round(float(p), RESPONSE_DIGITS) for label, p in zip(labels, probabilities, strict=True)}
+
+
+def answer_request(
+    body: bytes | bytearray | str | Mapping[str, Any],
+    predict: Predict,
+    labels: Sequence[str],
+    transform: EvalTransform,
+    crop_rule: CropRule,
+) -> dict[str, float]:
+    """Animl's answer to one request body: the one path of the server, the TorchServe handler and the sample.
+
+    Raises:
+        RequestError: see :func:`parse_request` and :func:`request_probabilities`.
+    """
+    probabilities = request_probabilities(parse_request(body), predict, transform, crop_rule)
+    return animl_response(labels, probabilities)

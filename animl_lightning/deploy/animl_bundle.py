@@ -46,8 +46,7 @@ from animl_lightning.core.files import (
     atomic_write_text,
     check_writable,
 )
-from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, animl_response, parse_request
-from animl_lightning.core.serving import request_probabilities as serve_one
+from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, answer_request
 from animl_lightning.deploy.export import INPUT_NAME, ExportError, onnx_bytes, torchscript_bytes
 from animl_lightning.deploy.inference import LoadedClassifier
 from animl_lightning.deploy.onnx_runtime import OnnxClassifier
@@ -217,6 +216,14 @@ def build_mar(staging: Path, model_id: str, version: str) -> Path:
     return mar
 
 
+def output_folder(output: str | Path) -> Path:
+    """``output`` as the bundle folder; a file there is refused (the bundle replaces a folder, never a file)."""
+    target = Path(output)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"output: {target} is a file; format=animl writes a folder")
+    return target
+
+
 def write_animl_bundle(
     loaded: LoadedClassifier,
     output: str | Path,
@@ -231,9 +238,7 @@ def write_animl_bundle(
         ExportError: the model cannot be exported or archived.
         ConfigError: ``output`` is a file, or a setting is out of range.
     """
-    target = Path(output)
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"output: {target} is a file; format=animl writes a folder")
+    target = output_folder(output)
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold: must be in [0, 1], got {threshold}")
     model_id = model_id or model_id_of(loaded)
@@ -290,10 +295,9 @@ def _write_into(
     image = sample_image()
     request = {"image": base64.b64encode(image).decode("ascii"), "bbox": SAMPLE_BBOX}
     predict = OnnxClassifier(onnx_model, INPUT_NAME)
-    parsed = parse_request(request)
-    probabilities = serve_one(parsed, predict, loaded.transform, loaded.crop_rule)
+    response = answer_request(request, predict, loaded.class_names, loaded.transform, loaded.crop_rule)
     atomic_write_json(staging / "sample_request.json", request, indent=None)
-    atomic_write_json(staging / "sample_response.json", animl_response(loaded.class_names, probabilities))
+    atomic_write_json(staging / "sample_response.json", response)
     atomic_write_text(staging / "README.md", _readme(model_id, loaded, torch_version))
 
 
@@ -399,9 +403,7 @@ def export_animl(
     """Load a checkpoint on the CPU and write its Animl bundle; see :func:`write_animl_bundle`."""
     from animl_lightning.deploy.inference import load_classifier
 
-    folder = Path(output)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"output: {folder} is a file; format=animl writes a folder")
+    folder = output_folder(output)  # checked before the checkpoint is loaded
     check_writable(folder.parent / f".{folder.name}.probe", "output")
     loaded = load_classifier(checkpoint, device="cpu")
     return write_animl_bundle(loaded, folder, model_id, version, description, threshold)

@@ -24,9 +24,7 @@ from animl_lightning.core.serving import (
     BundleError,
     RequestError,
     ServingBundle,
-    animl_response,
-    parse_request,
-    request_probabilities,
+    answer_request,
 )
 from animl_lightning.deploy.onnx_runtime import OnnxClassifier
 
@@ -50,8 +48,7 @@ def create_app(bundle_dir: str | Path, threads: int | None = None) -> FastAPI:
     app = FastAPI(title="animl-lightning classifier", docs_url=None, redoc_url=None)
 
     def answer(body: bytes) -> dict[str, float]:
-        probabilities = request_probabilities(parse_request(body), predict, bundle.transform, bundle.crop_rule)
-        return animl_response(bundle.labels, probabilities)
+        return answer_request(body, predict, bundle.labels, bundle.transform, bundle.crop_rule)
 
     @app.get("/ping")
     def ping() -> dict[str, str]:

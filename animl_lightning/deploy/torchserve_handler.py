@@ -4,7 +4,7 @@ TorchServe calls :func:`handle` with a batch of requests; each body is Animl's J
 (:mod:`animl_lightning.core.serving`), each answer Animl's flat ``{label: probability}`` object with every label
 (TorchServe's stock image classifier returns a top 5, which fails on a model with fewer than 5 labels). The model is
 the CPU TorchScript of the export, which returns calibrated probabilities; the crop and preprocessing are
-:func:`animl_lightning.core.serving.request_probabilities`, shipped in the archive beside this file, so the handler
+:func:`animl_lightning.core.serving.answer_request`, shipped in the archive beside this file, so the handler
 crops exactly like training and imports nothing of the training stack (no Lightning, no timm, no torchvision).
 
 A bad request gets status 400 (415 for an image that cannot be decoded) and ``{"error": "<one line>"}``.
@@ -23,9 +23,7 @@ from numpy.typing import NDArray
 from animl_lightning.core.serving import (
     RequestError,
     ServingBundle,
-    animl_response,
-    parse_request,
-    request_probabilities,
+    answer_request,
 )
 
 log = logging.getLogger(__name__)
@@ -48,9 +46,7 @@ class AnimlHandler:
         body = row.get("body", row.get("data")) if isinstance(row, dict) else row
         if body is None:
             raise RequestError("the request has no body")
-        request = parse_request(body)
-        probabilities = request_probabilities(request, self.predict, self.bundle.transform, self.bundle.crop_rule)
-        return animl_response(self.bundle.labels, probabilities)
+        return answer_request(body, self.predict, self.bundle.labels, self.bundle.transform, self.bundle.crop_rule)
 
 
 _handler: AnimlHandler | None = None
