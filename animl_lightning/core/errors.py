@@ -17,6 +17,12 @@ class ConfigError(AnimlError, ValueError):
     """A setting is missing or out of range; the message names the key as it is written on the command line."""
 
 
+def require(condition: bool, key: str, message: str) -> None:
+    """The settings check of every typed constructor: ``ConfigError("<key>: <message>")`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
 class InputFileError(AnimlError, ValueError):
     """An input or output file cannot be used; the message names the file, the record and the field."""
 

@@ -44,7 +44,7 @@ import torch
 from numpy.typing import NDArray
 
 from animl_lightning.core.cct import CctError, load_cct
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import AnimlError, ConfigError, require
 from animl_lightning.core.files import (
     UnsafePathError,
     atomic_write,
@@ -112,25 +112,17 @@ class ClassifySettings:
     smoothing_options: SmoothingOptions = field(default_factory=SmoothingOptions)
 
     def __post_init__(self) -> None:
-        checks = (
-            (self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}"),
-            (
-                self.smoothing in SMOOTHING_LEVELS,
-                "classify.smoothing",
-                f"must be one of {list(SMOOTHING_LEVELS)}, got {self.smoothing!r}",
-            ),
-            (self.max_gap_s >= 0, "classify.max_gap_s", f"must be >= 0, got {self.max_gap_s}"),
-            (0.0 <= self.threshold <= 1.0, "detections.threshold", f"must be in [0, 1], got {self.threshold}"),
-            (bool(self.category), "detections.category", "must not be empty"),
-            (0.0 <= self.min_conf <= 1.0, "classify.min_conf", f"must be in [0, 1], got {self.min_conf}"),
-            (self.batch_size >= 1, "classify.batch_size", f"must be >= 1, got {self.batch_size}"),
-            (self.num_workers >= 0, "classify.num_workers", f"must be >= 0, got {self.num_workers}"),
-            (self.top_k >= 1, "classify.top_k", f"must be >= 1, got {self.top_k}"),
-            (self.save_interval_s >= 0, "classify.save_interval_s", f"must be >= 0, got {self.save_interval_s}"),
-        )
-        for ok, key, message in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {message}")
+        require(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
+        levels = list(SMOOTHING_LEVELS)
+        require(self.smoothing in levels, "classify.smoothing", f"must be one of {levels}, got {self.smoothing!r}")
+        require(self.max_gap_s >= 0, "classify.max_gap_s", f"must be >= 0, got {self.max_gap_s}")
+        require(0.0 <= self.threshold <= 1.0, "detections.threshold", f"must be in [0, 1], got {self.threshold}")
+        require(bool(self.category), "detections.category", "must not be empty")
+        require(0.0 <= self.min_conf <= 1.0, "classify.min_conf", f"must be in [0, 1], got {self.min_conf}")
+        require(self.batch_size >= 1, "classify.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.num_workers >= 0, "classify.num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.top_k >= 1, "classify.top_k", f"must be >= 1, got {self.top_k}")
+        require(self.save_interval_s >= 0, "classify.save_interval_s", f"must be >= 0, got {self.save_interval_s}")
 
 
 @dataclass

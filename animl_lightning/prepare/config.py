@@ -12,16 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from animl_lightning.core.crop_rule import CROP_STRATEGIES
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.machine import usable_cores
 
 SPLIT_METHODS = ("random", "smallest_first")
 GROUP_UNITS = ("location", "sequence", "location_time")
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass
@@ -40,12 +35,12 @@ class S3Settings:
     read_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        _require(self.bucket is None or bool(self.bucket.strip()), "s3.bucket", "must not be empty")
-        _require(self.workers >= 1, "s3.workers", f"must be >= 1, got {self.workers}")
-        _require(self.max_attempts >= 1, "s3.max_attempts", f"must be >= 1, got {self.max_attempts}")
-        _require(self.connect_timeout > 0, "s3.connect_timeout", f"must be > 0, got {self.connect_timeout}")
-        _require(self.read_timeout > 0, "s3.read_timeout", f"must be > 0, got {self.read_timeout}")
-        _require(bool(self.key_field), "s3.key_field", "must name an image field")
+        require(self.bucket is None or bool(self.bucket.strip()), "s3.bucket", "must not be empty")
+        require(self.workers >= 1, "s3.workers", f"must be >= 1, got {self.workers}")
+        require(self.max_attempts >= 1, "s3.max_attempts", f"must be >= 1, got {self.max_attempts}")
+        require(self.connect_timeout > 0, "s3.connect_timeout", f"must be > 0, got {self.connect_timeout}")
+        require(self.read_timeout > 0, "s3.read_timeout", f"must be > 0, got {self.read_timeout}")
+        require(bool(self.key_field), "s3.key_field", "must name an image field")
 
 
 @dataclass
@@ -57,8 +52,8 @@ class DetectionSettings:
     single_animal_only: bool = False
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.threshold <= 1.0, "detections.threshold", f"must be in [0, 1], got {self.threshold}")
-        _require(bool(self.category), "detections.category", "must not be empty")
+        require(0.0 <= self.threshold <= 1.0, "detections.threshold", f"must be in [0, 1], got {self.threshold}")
+        require(bool(self.category), "detections.category", "must not be empty")
 
 
 @dataclass
@@ -76,20 +71,18 @@ class CropSettings:
         return self.workers if self.workers is not None else usable_cores()
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.strategy in CROP_STRATEGIES,
             "crops.strategy",
             f"must be one of {list(CROP_STRATEGIES)}, got {self.strategy!r}",
         )
-        _require(
+        require(
             self.max_size is None or self.max_size >= 8,
             "crops.max_size",
             f"must be null or >= 8 pixels, got {self.max_size}",
         )
-        _require(
-            self.workers is None or self.workers >= 1, "crops.workers", f"must be null or >= 1, got {self.workers}"
-        )
-        _require(1 <= self.quality <= 100, "crops.quality", f"must be in [1, 100], got {self.quality}")
+        require(self.workers is None or self.workers >= 1, "crops.workers", f"must be null or >= 1, got {self.workers}")
+        require(1 <= self.quality <= 100, "crops.quality", f"must be in [1, 100], got {self.quality}")
 
 
 @dataclass
@@ -105,7 +98,7 @@ class LabelSettings:
     taxonomy_file: str | None = None
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             not (self.spec_file and self.map),
             "labels.spec_file",
             "set either labels.spec_file or labels.map, not both",
@@ -137,33 +130,33 @@ class SplitSettings:
         return parse_duration_seconds(self.time_block, "split.time_block")
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.method in SPLIT_METHODS,
             "split.method",
             f"must be one of {list(SPLIT_METHODS)}, got {self.method!r}",
         )
-        _require(0.0 < self.val_frac < 1.0, "split.val_frac", f"must be in (0, 1), got {self.val_frac}")
-        _require(0.0 <= self.test_frac < 1.0, "split.test_frac", f"must be in [0, 1), got {self.test_frac}")
-        _require(
+        require(0.0 < self.val_frac < 1.0, "split.val_frac", f"must be in (0, 1), got {self.val_frac}")
+        require(0.0 <= self.test_frac < 1.0, "split.test_frac", f"must be in [0, 1), got {self.test_frac}")
+        require(
             self.val_frac + self.test_frac < 1.0,
             "split.val_frac",
             f"split.val_frac + split.test_frac must be < 1 to leave a train split, got "
             f"{self.val_frac} + {self.test_frac}",
         )
-        _require(self.trials >= 1, "split.trials", f"must be >= 1, got {self.trials}")
-        _require(0.0 <= self.jitter < 0.5, "split.jitter", f"must be in [0, 0.5), got {self.jitter}")
-        _require(
+        require(self.trials >= 1, "split.trials", f"must be >= 1, got {self.trials}")
+        require(0.0 <= self.jitter < 0.5, "split.jitter", f"must be in [0, 0.5), got {self.jitter}")
+        require(
             self.min_locs is None or self.min_locs >= 1,
             "split.min_locs",
             f"must be null or >= 1, got {self.min_locs}",
         )
-        _require(0.0 < self.tolerance < 0.5, "split.tolerance", f"must be in (0, 0.5), got {self.tolerance}")
-        _require(
+        require(0.0 < self.tolerance < 0.5, "split.tolerance", f"must be in (0, 0.5), got {self.tolerance}")
+        require(
             self.group_by in GROUP_UNITS,
             "split.group_by",
             f"must be one of {list(GROUP_UNITS)}, got {self.group_by!r}",
         )
-        _require(
+        require(
             (self.group_by == "location_time") == (self.time_block is not None),
             "split.time_block",
             "is needed with split.group_by=location_time (e.g. split.time_block=30d), and only with it",
@@ -180,7 +173,7 @@ def parse_duration_seconds(text: str, key: str) -> float:
         seconds = float(pd.Timedelta(str(text)).total_seconds())
     except ValueError as err:
         raise ConfigError(f"{key}: {text!r} is not a duration such as 30d, 12h or 90min") from err
-    _require(seconds > 0, key, f"must be a positive duration, got {text!r}")
+    require(seconds > 0, key, f"must be a positive duration, got {text!r}")
     return seconds
 
 
@@ -191,7 +184,7 @@ class SequenceSettings:
     max_gap_s: float = 3.0
 
     def __post_init__(self) -> None:
-        _require(self.max_gap_s >= 0, "sequences.max_gap_s", f"must be >= 0 seconds, got {self.max_gap_s}")
+        require(self.max_gap_s >= 0, "sequences.max_gap_s", f"must be >= 0 seconds, got {self.max_gap_s}")
 
 
 @dataclass
@@ -205,9 +198,9 @@ class DemoSettings:
     height: int = 480
 
     def __post_init__(self) -> None:
-        _require(self.locations >= 3, "demo.locations", f"must be >= 3, got {self.locations}")
-        _require(self.images_per_location >= 1, "demo.images_per_location", "must be >= 1")
-        _require(self.width >= 64 and self.height >= 64, "demo.width", "demo images must be at least 64x64")
+        require(self.locations >= 3, "demo.locations", f"must be >= 3, got {self.locations}")
+        require(self.images_per_location >= 1, "demo.images_per_location", "must be >= 1")
+        require(self.width >= 64 and self.height >= 64, "demo.width", "demo images must be at least 64x64")
 
 
 @dataclass
@@ -238,24 +231,24 @@ class PrepareSettings:
     force: bool = False
 
     def __post_init__(self) -> None:
-        _require(bool(self.output_dir), "output_dir", "must be set")
+        require(bool(self.output_dir), "output_dir", "must be set")
         if self.coco_file is not None:
-            _require(Path(self.coco_file).is_file(), "coco_file", f"{self.coco_file} does not exist")
-            _require(
+            require(Path(self.coco_file).is_file(), "coco_file", f"{self.coco_file} does not exist")
+            require(
                 self.images_dir is not None,
                 "images_dir",
                 "must be set when coco_file is set (the folder that holds, or receives, the full-size images)",
             )
         if self.detections_file is not None:
-            _require(Path(self.detections_file).is_file(), "detections_file", f"{self.detections_file} does not exist")
+            require(Path(self.detections_file).is_file(), "detections_file", f"{self.detections_file} does not exist")
         if self.labels.spec_file is not None:
-            _require(
+            require(
                 Path(self.labels.spec_file).is_file(), "labels.spec_file", f"{self.labels.spec_file} does not exist"
             )
         if self.split.reuse is not None:
-            _require(Path(self.split.reuse).is_file(), "split.reuse", f"{self.split.reuse} does not exist")
+            require(Path(self.split.reuse).is_file(), "split.reuse", f"{self.split.reuse} does not exist")
         if self.dataset is not None:
-            _require(
+            require(
                 bool(self.dataset) and "/" not in self.dataset,
                 "dataset",
                 f"must be a non-empty name without '/', got {self.dataset!r}",

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.taxonomy import RANKS, Taxonomy
 from animl_lightning.train.scores import confusion_of, per_label_table
 
@@ -66,10 +66,13 @@ class ThresholdSettings:
     min_support: int = 10
 
     def __post_init__(self) -> None:
-        if self.target_precision is not None and not 0.0 < self.target_precision <= 1.0:
-            raise ConfigError(f"thresholds.target_precision: must be in (0, 1] or null, got {self.target_precision}")
-        if self.min_support < 1:
-            raise ConfigError(f"thresholds.min_support: must be >= 1, got {self.min_support}")
+        target = self.target_precision
+        require(
+            target is None or 0.0 < target <= 1.0,
+            "thresholds.target_precision",
+            f"must be in (0, 1] or null, got {target}",
+        )
+        require(self.min_support >= 1, "thresholds.min_support", f"must be >= 1, got {self.min_support}")
 
     @classmethod
     def from_mapping(cls, values: Any) -> ThresholdSettings:
