@@ -97,3 +97,33 @@ def test_empty_split_gives_empty_tables() -> None:
     confusion, table, overall = level_tables(units, LABELS, "test")
     assert confusion.sum() == 0 and overall["n"] == 0 and np.isnan(overall["top1"])
     assert table["support"].tolist() == [0, 0, 0]
+
+
+def test_real_shaped_data_one_huge_camera_many_tiny_ones() -> None:
+    # One site with 89% of the crops in long bursts, 19 cameras of 1-3 photos, a label found at the big site only.
+    rng = np.random.default_rng(11)
+    sites = ["big"] * 890 + [f"tiny{i:02d}" for i in range(19) for _ in range(int(rng.integers(1, 4)))]
+    n = len(sites)
+    locations = np.array(sites, dtype=object)
+    target = rng.integers(0, 2, n)
+    target[:200] = FOX  # fox lives at the big site only
+    bursts = np.concatenate([np.full(int(k), i) for i, k in enumerate(rng.integers(1, 11, n))])[:n]
+    sequences = np.array([f"{loc}/{b}" for loc, b in zip(locations, bursts, strict=True)], dtype=object)
+    probs = rng.dirichlet(np.ones(3), size=n)
+    probs[np.arange(n), target] += rng.uniform(0, 1, n)  # informative but imperfect
+    probs /= probs.sum(axis=1, keepdims=True)
+
+    units = group_units(probs, target, sequences)
+    frame = pd.DataFrame(probs, columns=LABELS).assign(sequence=sequences, target=target)
+    predicted = frame.groupby("sequence")[LABELS].mean().to_numpy().argmax(axis=1)
+    expected = frame[["sequence", "target"]].drop_duplicates()
+    assert len(units.target) == len(expected)
+    index = {key: i for i, key in enumerate(frame.groupby("sequence").groups)}
+    by_pair = {(g, t): p for g, t, p in zip(units.group, units.target, units.prediction, strict=True)}
+    for sequence, label in expected.itertuples(index=False):
+        assert by_pair[(sequence, label)] == predicted[index[sequence]]
+
+    table = per_location_table(probs, target, locations, sequences, LABELS, "val").set_index("location")
+    assert table["crops"].sum() == n and table.loc["big", "crops"] == 890
+    assert np.isnan(table.loc["tiny00", "recall_fox"])  # fox never seen there
+    assert (table["sequences"] >= 1).all() and table.loc["big", "sequences"] > 50
