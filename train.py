@@ -62,7 +62,10 @@ def build_model(cfg: DictConfig, datamodule: CropDataModule) -> CropClassifier:
     """A new classifier sized by the dataset (checked against ``ckpt_path`` when resuming), or the checkpoint's."""
     labels, crop_rule = datamodule.labels, read_crop_rule(cfg.data_dir)
     if not cfg.train:
-        return model_to_evaluate(cfg.ckpt_path, labels, crop_rule, str(cfg.data_dir))
+        evaluated = model_to_evaluate(cfg.ckpt_path, labels, crop_rule, str(cfg.data_dir))
+        if overridden("eval.tta"):
+            evaluated.tta = str(cfg.eval.tta)
+        return evaluated
     if cfg.ckpt_path:
         check_checkpoint_fits(read_checkpoint(cfg.ckpt_path), labels, crop_rule, str(cfg.data_dir))
     model: CropClassifier = instantiate(
@@ -72,6 +75,7 @@ def build_model(cfg: DictConfig, datamodule: CropDataModule) -> CropClassifier:
         scheduler=checked_partial(instantiate(cfg.scheduler), "scheduler", "optimizer") if cfg.scheduler else None,
         crop_strategy=crop_rule.strategy,
         crop_max_size=crop_rule.max_size,
+        tta=str(cfg.eval.get("tta", "none")),
         _convert_="all",
     )
     # Where it was trained, so that `train=false ckpt_path=...` finds the dataset by itself.

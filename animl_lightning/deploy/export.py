@@ -216,6 +216,8 @@ def sidecar(loaded: LoadedClassifier, export_format: str, dynamic_size: bool) ->
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "output": "probabilities = softmax(logits / temperature)",
+        # hflip: the graph averages the logits of each crop and its mirror image (the evaluated model)
+        "tta": loaded.tta,
         "input_size": list(pre.input_size),
         "mean": list(pre.mean),
         "std": list(pre.std),

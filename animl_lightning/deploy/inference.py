@@ -59,6 +59,7 @@ class LoadedClassifier:
         calibration: the checkpoint's calibration record, if any.
         thresholds: the checkpoint's per-label threshold record, if any.
         taxonomy: the labels' taxonomy, if the dataset had one.
+        tta: the test-time augmentation built into ``model`` (``none`` or ``hflip``).
     """
 
     model: torch.nn.Module
@@ -73,6 +74,7 @@ class LoadedClassifier:
     calibration: dict[str, Any] | None = None
     thresholds: dict[str, Any] | None = None
     taxonomy: Taxonomy | None = None
+    tta: str = "none"
 
     def probabilities(self, images: torch.Tensor | NDArray[np.float32]) -> torch.Tensor:
         """Calibrated class probabilities of a batch of preprocessed crops (N, 3, H, W), on the CPU."""
@@ -111,7 +113,7 @@ def load_classifier(
     contents = read_checkpoint(checkpoint_path)
     module = CropClassifier.from_checkpoint(contents)
     resolved = resolve_device(device)
-    model = module.model.to(resolved).eval()
+    model = module.inference_network().to(resolved).eval()
     return LoadedClassifier(
         model=model,
         class_names=contents.class_names,
@@ -125,6 +127,7 @@ def load_classifier(
         calibration=contents.calibration,
         thresholds=contents.thresholds,
         taxonomy=contents.taxonomy,
+        tta=module.tta,
     )
 
 

@@ -219,7 +219,7 @@ def calibrate_checkpoint(
     Returns:
         The stored record: temperature, NLL and ECE before and after.
     """
-    model = CropClassifier.from_checkpoint(checkpoint_path).model.to(device)
+    model = CropClassifier.from_checkpoint(checkpoint_path).inference_network().to(device)
     logits, labels = collect_logits(model, batches, device)
     record = calibration_record(logits, labels, split)
     store_calibration(checkpoint_path, record)

@@ -19,7 +19,10 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from timm.data import Mixup
 from timm.data.config import resolve_model_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.nn import functional
 from torchmetrics import MeanMetric, MetricCollection
@@ -49,6 +52,11 @@ from animl_lightning.train.datamodule import resolve_input_size
 from animl_lightning.train.scores import macro_scores
 
 log = logging.getLogger(__name__)
+
+# Test-time augmentation modes (``eval.tta``): the logits of a crop and of its mirror image are averaged.
+TTA_MODES = ("none", "hflip")
+# The training weights of a run with an EMA; ``state_dict`` holds the averaged weights, which are the ones deployed.
+LIVE_WEIGHTS_KEY = "animl_live_weights"
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -120,6 +128,16 @@ class CropClassifier(LightningModule):
         data_config: Mapping[str, Any] | None = None,
         crop_strategy: str = "square",
         crop_max_size: int | None = None,
+        drop_path_rate: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        ema_decay: float = 0.0,
+        backbone_lr_scale: float = 1.0,
+        logit_adjustment: float = 0.0,
+        tta: str = "none",
+        model_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         """Build the timm model and the metrics.
 
@@ -139,6 +157,20 @@ class CropClassifier(LightningModule):
             data_config: preprocessing (timm data config keys); None = the model's own default config.
             crop_strategy: how ``prepare.py`` cut the crops (``prepare_info.json`` ``crops.strategy``).
             crop_max_size: the crops' maximum side (``crops.max_size``), or None.
+            drop_path_rate: stochastic depth rate of the network (timm's ``drop_path_rate``).
+            mixup_alpha: mixup's Beta parameter (0 = off); with ``cutmix_alpha`` through timm's ``Mixup`` and its
+                soft-target cross-entropy.
+            cutmix_alpha: CutMix's Beta parameter (0 = off).
+            mixup_prob: probability that a batch is mixed at all (when mixup or CutMix is on).
+            mixup_switch_prob: with both on, probability of CutMix instead of mixup for a batch.
+            ema_decay: decay of an exponential moving average of the weights (timm's ``ModelEmaV3`` with warmup;
+                0 = off). The averaged weights are validated, kept as checkpoints and deployed.
+            backbone_lr_scale: learning rate of everything but the classifier head, relative to the optimizer's.
+            logit_adjustment: tau of the logit-adjusted loss (Menon et al. 2021): the training logits get
+                ``tau * log(label prior of the train split)`` added, so rare labels are not crowded out (0 = off).
+            tta: test-time augmentation of every prediction (``none`` or ``hflip``: mean logits of the crop and its
+                mirror image), in the tables, calibration, classify and the exported graphs alike.
+            model_kwargs: further ``timm.create_model`` arguments (e.g. ``img_size`` of a ViT).
         """
         # Normalise before save_hyperparameters (which reads these locals) so the checkpoint holds only plain
         # Python values, whatever container Hydra passed in.
@@ -146,6 +178,7 @@ class CropClassifier(LightningModule):
         model_name = str(model_name)
         pretrained_file = None if pretrained_file in (None, "") else str(pretrained_file)
         data_config = dict(data_config) if data_config is not None else None
+        model_kwargs = {str(k): v for k, v in (model_kwargs or {}).items()}
         if not model_name:
             raise ConfigError("model.model_name must name a timm model")
         if len(class_names) < 2:
@@ -160,6 +193,17 @@ class CropClassifier(LightningModule):
             raise ConfigError(f"model.finetune_epochs must be >= 0, got {finetune_epochs}")
         if crop_strategy not in CROP_STRATEGIES:
             raise ConfigError(f"crop_strategy must be one of {list(CROP_STRATEGIES)}, got {crop_strategy!r}")
+        check_recipe_settings(
+            drop_path_rate=drop_path_rate,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            mixup_prob=mixup_prob,
+            mixup_switch_prob=mixup_switch_prob,
+            ema_decay=ema_decay,
+            backbone_lr_scale=backbone_lr_scale,
+            logit_adjustment=logit_adjustment,
+            tta=tta,
+        )
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
@@ -169,18 +213,38 @@ class CropClassifier(LightningModule):
         # Set from the checkpoint's calibration record (calibrate=true); 1.0 means uncalibrated softmax.
         self.temperature: float = 1.0
         self._resume_rng: dict[str, Any] | None = None
+        # Held outside the module tree: their tensors must not become keys of the state dict that deployment loads.
+        object.__setattr__(self, "_ema", None)
+        self._ema_from_checkpoint: dict[str, Tensor] | None = None
+        self._log_prior: Tensor | None = None
+        self._mixup: Mixup | None = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self._mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                label_smoothing=label_smoothing,
+                num_classes=len(class_names),
+            )
 
         use_hub = pretrained and pretrained_file is None
         if pretrained and pretrained_file is not None:
             log.info("model.pretrained_file is set; using %s instead of timm's hub weights", pretrained_file)
         try:
+            extra = dict(model_kwargs)
+            if drop_path_rate > 0:
+                # Only when asked for: architectures without stochastic depth refuse the argument.
+                extra["drop_path_rate"] = drop_path_rate
             self.model = timm.create_model(
-                model_name, pretrained=use_hub, num_classes=len(class_names), drop_rate=drop_rate
+                model_name, pretrained=use_hub, num_classes=len(class_names), drop_rate=drop_rate, **extra
             )
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 raise ConfigError(f"model.model_name: {err}") from err
             raise
+        except TypeError as err:  # a create_model argument the architecture does not take
+            raise ConfigError(f"model: {model_name} does not take these settings: {err}") from err
         except OSError as err:  # hub download: offline, no cache, HTTP errors (huggingface_hub raises OSErrors)
             raise PretrainedWeightsError(
                 f"model.pretrained=true: cannot download timm's weights for {model_name!r} ({err}); "
@@ -231,11 +295,29 @@ class CropClassifier(LightningModule):
 
     @override
     def forward(self, images: Tensor) -> Tensor:
-        """Logits of a batch of preprocessed crops."""
+        """Logits of a batch of preprocessed crops, as evaluated and deployed (with the run's ``tta``).
+
+        While fitting with an EMA, validation sees the averaged weights: they are the ones checkpointed.
+        """
         if self.hparams["channels_last"] and images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits: Tensor = self.model(images)
-        return logits
+        network = self._ema.module if self._ema is not None else self.model
+        return with_tta(network, self.tta)(images)
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation of every prediction (:data:`TTA_MODES`)."""
+        return str(self.hparams.get("tta", "none"))
+
+    @tta.setter
+    def tta(self, mode: str) -> None:
+        if mode not in TTA_MODES:
+            raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {mode!r}")
+        self.hparams["tta"] = mode
+
+    def inference_network(self) -> nn.Module:
+        """The network that deployment runs and exports: the timm model with the checkpoint's ``tta`` built in."""
+        return with_tta(self.model, self.tta)
 
     @override
     def setup(self, stage: str) -> None:
@@ -247,6 +329,40 @@ class CropClassifier(LightningModule):
         if stage == "fit" and self.hparams["compile"]:
             # Module.compile keeps parameter names (no "_orig_mod." prefix), so checkpoints stay loadable.
             self.model.compile()
+        if stage == "fit" and self.hparams.get("logit_adjustment", 0.0) > 0:
+            self._log_prior = log_label_prior(self._train_label_counts())
+
+    def _train_label_counts(self) -> np.ndarray:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        counts = getattr(datamodule, "train_label_counts", None)
+        if counts is None:
+            raise ConfigError("model.logit_adjustment needs the label counts of a CropDataModule's train split")
+        result: np.ndarray = counts()
+        return result
+
+    @override
+    def on_fit_start(self) -> None:
+        decay = float(self.hparams.get("ema_decay", 0.0))
+        if decay <= 0:
+            return
+        # Warmup lets the average follow the weights closely over the first steps of a short fine-tuning run.
+        ema = ModelEmaV3(self.model, decay=decay, use_warmup=True)
+        if self._ema_from_checkpoint is not None:
+            ema.module.load_state_dict(self._ema_from_checkpoint)
+            self._ema_from_checkpoint = None
+        object.__setattr__(self, "_ema", ema)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._ema is not None:
+            self._ema.update(self.model, step=self.global_step)
+
+    @override
+    def on_fit_end(self) -> None:
+        if self._ema is not None:
+            # Whatever is evaluated next without a checkpoint (no best.ckpt was kept) sees the averaged weights too.
+            self.model.load_state_dict(self._ema.module.state_dict())
+            object.__setattr__(self, "_ema", None)
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -266,7 +382,7 @@ class CropClassifier(LightningModule):
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss, _ = self._shared_step(batch, "train")
+        loss, _ = self._shared_step(batch, "train", fitting=True)
         self.log("train/batch_loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
@@ -304,6 +420,13 @@ class CropClassifier(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._ema is not None:
+            # The averaged weights are the model (evaluated, calibrated, deployed); the live ones only resume a fit.
+            state = checkpoint["state_dict"]
+            averaged = self._ema.module.state_dict()
+            checkpoint[LIVE_WEIGHTS_KEY] = {k: v for k, v in state.items() if k.startswith("model.")}
+            for key, value in averaged.items():
+                state[f"model.{key}"] = value.detach().clone()
         # A resumed run draws the same batches, augmentations and dropout masks as an uninterrupted one.
         states = capture_rng_states()
         checkpoint[RNG_STATES_KEY] = states
@@ -321,6 +444,12 @@ class CropClassifier(LightningModule):
         # Only a resumed fit draws from the generators again; evaluation and inference loads leave them alone.
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
+        live = checkpoint.get(LIVE_WEIGHTS_KEY)
+        if isinstance(live, Mapping):
+            # Resuming: the network continues from its training weights, the EMA from the averaged ones.
+            state = checkpoint["state_dict"]
+            self._ema_from_checkpoint = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+            state.update(live)
         states, inexact = rng_states_to_restore(checkpoint, self.trainer.global_rank, self.trainer.world_size)
         if inexact is not None and self.trainer.is_global_zero:
             log.warning("resume is not bit-exact: %s", inexact)
@@ -337,7 +466,18 @@ class CropClassifier(LightningModule):
     def configure_optimizers(self) -> OptimizerLRScheduler:
         if self.optimizer_factory is None:
             raise ConfigError("CropClassifier needs an optimizer to train (configs/optimizer/*.yaml)")
-        optimizer = self.optimizer_factory(self.parameters())
+        scale = float(self.hparams.get("backbone_lr_scale", 1.0))
+        if scale == 1.0:
+            optimizer = self.optimizer_factory(self.parameters())
+        else:
+            head = {id(p) for p in self.model.get_classifier().parameters()}  # type: ignore[operator]
+            groups = [
+                {"params": [p for p in self.parameters() if id(p) not in head]},
+                {"params": [p for p in self.parameters() if id(p) in head]},
+            ]
+            optimizer = self.optimizer_factory(groups)  # type: ignore[arg-type]  # torch takes param groups
+            # Before the scheduler exists, so that it takes the scaled rate as the backbone's base rate.
+            optimizer.param_groups[0]["lr"] *= scale
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -358,11 +498,13 @@ class CropClassifier(LightningModule):
         assert isinstance(metrics, SplitMetrics)
         return metrics
 
-    def _shared_step(self, batch: Batch, split: str) -> tuple[Tensor, Tensor]:
+    def _shared_step(self, batch: Batch, split: str, fitting: bool = False) -> tuple[Tensor, Tensor]:
         images, target = batch[0], batch[1]
-        logits = self(images)
-        smoothing = self.hparams["label_smoothing"] if split == "train" else 0.0
-        loss = functional.cross_entropy(logits, target, label_smoothing=smoothing)
+        if fitting:
+            logits, loss = self._training_loss(images, target)
+        else:
+            logits = self(images)
+            loss = functional.cross_entropy(logits, target)
         metrics = self._split_metrics(split)
         probs = logits.detach().float().softmax(dim=-1)
         batch_size = int(target.shape[0])
@@ -370,6 +512,28 @@ class CropClassifier(LightningModule):
         metrics.loss.update(loss.detach(), weight=batch_size)
         metrics.confusion.update(probs, target)
         return loss, logits
+
+    def _training_loss(self, images: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits of the (possibly mixed) batch and the training loss of the recipe."""
+        if self.hparams["channels_last"] and images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # timm's batch mixing pairs each crop with its mirror position in the batch, so it needs an even batch.
+        mixing = self._mixup is not None and images.shape[0] % 2 == 0
+        soft: Tensor | None = None
+        if mixing:
+            assert self._mixup is not None
+            images, soft = self._mixup(images, target)
+        logits: Tensor = self.model(images)
+        adjusted = logits
+        if self._log_prior is not None:
+            tau = float(self.hparams["logit_adjustment"])
+            adjusted = logits + tau * self._log_prior.to(device=logits.device, dtype=logits.dtype)
+        if soft is not None:
+            # The soft targets already hold the label smoothing (timm's Mixup applies it).
+            loss: Tensor = SoftTargetCrossEntropy()(adjusted, soft)
+        else:
+            loss = functional.cross_entropy(adjusted, target, label_smoothing=self.hparams["label_smoothing"])
+        return logits, loss
 
     def _log_epoch_metrics(self, split: str) -> None:
         """Compute and log the split's epoch metrics, on every rank, in one fixed order.
@@ -412,6 +576,70 @@ class CropClassifier(LightningModule):
             self.model.train()
         if self.current_epoch in (0, finetune_epochs):
             log.info("epoch %d: training %s", self.current_epoch, "the head only" if frozen else "all layers")
+
+
+class FlipAveraged(nn.Module):
+    """A network whose logits are the mean of the crop's and its mirror image's (``eval.tta=hflip``).
+
+    Exported as part of the graph (ONNX, TorchScript), so the deployed model is the evaluated one.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    @override
+    def forward(self, images: Tensor) -> Tensor:
+        logits: Tensor = (self.network(images) + self.network(torch.flip(images, dims=[-1]))) / 2
+        return logits
+
+
+def with_tta(network: nn.Module, mode: str) -> nn.Module:
+    """``network`` as predicted with test-time augmentation ``mode`` (:data:`TTA_MODES`)."""
+    if mode == "none":
+        return network
+    if mode == "hflip":
+        return FlipAveraged(network)
+    raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {mode!r}")
+
+
+def log_label_prior(counts: np.ndarray) -> Tensor:
+    """log of each label's share of the train crops; a label with no crop counts as one, so the log stays finite."""
+    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+def check_recipe_settings(
+    *,
+    drop_path_rate: float,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    mixup_prob: float,
+    mixup_switch_prob: float,
+    ema_decay: float,
+    backbone_lr_scale: float,
+    logit_adjustment: float,
+    tta: str,
+) -> None:
+    """Refuse recipe settings outside their ranges, naming the key."""
+    ranges = (
+        ("drop_path_rate", drop_path_rate, 0.0, 1.0, False),
+        ("mixup_alpha", mixup_alpha, 0.0, None, True),
+        ("cutmix_alpha", cutmix_alpha, 0.0, None, True),
+        ("mixup_prob", mixup_prob, 0.0, 1.0, True),
+        ("mixup_switch_prob", mixup_switch_prob, 0.0, 1.0, True),
+        ("ema_decay", ema_decay, 0.0, 1.0, False),
+        ("logit_adjustment", logit_adjustment, 0.0, None, True),
+    )
+    for key, value, low, high, high_inclusive in ranges:
+        above = high is not None and (value > high if high_inclusive else value >= high)
+        if value < low or above:
+            bound = "]" if high_inclusive else ")"
+            raise ConfigError(f"model.{key} must be in [{low}, {high if high is not None else 'inf'}{bound}, got {value}")
+    if not backbone_lr_scale > 0:
+        raise ConfigError(f"model.backbone_lr_scale must be > 0, got {backbone_lr_scale}")
+    if tta not in TTA_MODES:
+        raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {tta!r}")
 
 
 def load_pretrained_file(model: nn.Module, path: str | Path) -> None:

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from lightning import LightningDataModule
 from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torchvision import transforms
@@ -144,6 +145,36 @@ def eval_transform(data_config: Mapping[str, Any]) -> Transform:
     return _EvalTensor(EvalTransform.from_config(data_config))
 
 
+TRIVIAL_AUGMENT = "trivialaugment"
+
+
+def check_auto_augment(policy: str | None) -> None:
+    """Refuse an ``auto_augment`` policy that neither timm nor torchvision would build, naming the key."""
+    if policy is None or policy == TRIVIAL_AUGMENT:
+        return
+    try:
+        rand_augment_transform(policy, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        raise ConfigError(
+            f"data.auto_augment: {policy!r} is not a timm RandAugment policy (e.g. rand-m9-mstd0.5-inc1) or "
+            f"{TRIVIAL_AUGMENT!r} ({err or type(err).__name__})"
+        ) from err
+
+
+def auto_augment_step(policy: str, data_config: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """timm's RandAugment for a ``rand-...`` policy string, torchvision's TrivialAugmentWide for ``trivialaugment``."""
+    if policy == TRIVIAL_AUGMENT:
+        return transforms.TrivialAugmentWide(interpolation=str_to_interp_mode(data_config["interpolation"]))
+    _, height, width = data_config["input_size"]
+    # timm's own hyperparameters for its policies: translations up to 45% of the side, fill with the mean colour.
+    hparams = {
+        "translate_const": int(min(height, width) * 0.45),
+        "img_mean": tuple(min(255, round(255 * x)) for x in data_config["mean"]),
+    }
+    transform: Callable[[Any], Any] = rand_augment_transform(policy, hparams)
+    return transform
+
+
 def train_transform(
     data_config: Mapping[str, Any],
     crop_scale_min: float,
@@ -151,12 +182,14 @@ def train_transform(
     vflip_prob: float,
     color_jitter: float,
     grayscale_prob: float,
+    auto_augment: str | None = None,
 ) -> Transform:
     """Augmentation for camera-trap crops.
 
     Crops are already centred on one animal, so the random resized crop keeps at least ``crop_scale_min`` of the
     area (the old pipeline's 8% often cut the animal out). Night frames are grey, hence random grayscale; animals
-    are rarely upside down, hence no vertical flips by default.
+    are rarely upside down, hence no vertical flips by default. ``auto_augment`` adds a RandAugment or
+    TrivialAugment policy after the geometric steps, as timm's training transform does.
     """
     _, height, width = data_config["input_size"]
     steps: list[Callable[[Any], Any]] = [
@@ -169,6 +202,8 @@ def train_transform(
     ]
     if vflip_prob > 0:
         steps.append(transforms.RandomVerticalFlip(vflip_prob))
+    if auto_augment is not None:
+        steps.append(auto_augment_step(auto_augment, data_config))
     if color_jitter > 0:
         steps.append(transforms.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     if grayscale_prob > 0:
@@ -207,6 +242,7 @@ class CropDataModule(LightningDataModule):
         vflip_prob: float = 0.0,
         color_jitter: float = 0.2,
         grayscale_prob: float = 0.1,
+        auto_augment: str | None = None,
     ) -> None:
         """Validate the settings; nothing is read until :meth:`setup`.
 
@@ -228,6 +264,8 @@ class CropDataModule(LightningDataModule):
             vflip_prob: vertical flip probability.
             color_jitter: brightness/contrast/saturation jitter strength (0 = off).
             grayscale_prob: probability of converting a training crop to grayscale.
+            auto_augment: a timm RandAugment policy (``rand-m9-mstd0.5-inc1``) or ``trivialaugment``
+                (torchvision's TrivialAugmentWide); None = off.
         """
         super().__init__()
         if not data_dir:
@@ -247,6 +285,9 @@ class CropDataModule(LightningDataModule):
                 raise ConfigError(f"data.{key} must be in [0, 1], got {prob}")
         if not 0.0 <= color_jitter < 1.0:
             raise ConfigError(f"data.color_jitter must be in [0, 1), got {color_jitter}")
+        auto_augment = None if auto_augment in (None, "", "none") else str(auto_augment)
+        check_auto_augment(auto_augment)
+        self.auto_augment = auto_augment
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
@@ -343,7 +384,13 @@ class CropDataModule(LightningDataModule):
             vflip_prob=self.vflip_prob,
             color_jitter=self.color_jitter,
             grayscale_prob=self.grayscale_prob,
+            auto_augment=self.auto_augment,
         )
+
+    def train_label_counts(self) -> np.ndarray:
+        """Crops per label (index order) in the train split: the prior of the logit-adjusted loss."""
+        labels = self.prepared.split_frame("train")["label_idx"].to_numpy(dtype=np.int64)
+        return np.bincount(labels, minlength=len(self.prepared.labels))
 
     def train_sample_weights(self) -> np.ndarray | None:
         """Per-crop sampling weights of the train split, or None when the loader simply shuffles."""
