@@ -2,7 +2,8 @@
 
 Settings: ``configs/classify.yaml``. The Hydra edge only: the work is
 :func:`animl_lightning.deploy.classify.run_classify`; bad inputs end the run with one line naming the file, record
-and field (exit status 2), never a traceback.
+and field (exit status 2), never a traceback. ``output_file`` (and ``output_csv``) may not be an input file, and a
+run in which every detection failed writes nothing and exits with status 2; the last line says how many failed.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def classify(cfg: DictConfig) -> ClassifySummary:
         classifier_name=cfg.classifier_name or None,
     )
     print(summary.table())
-    print(f"wrote {cfg.output_file}" + (f" and {cfg.output_csv}" if cfg.output_csv else ""))
+    wrote = f"wrote {cfg.output_file}" + (f" and {cfg.output_csv}" if cfg.output_csv else "")
+    # The last line is what a user reads: a partly failed run must not look like a clean one.
+    failed = summary.failure_note()
+    print(f"{wrote}; {failed}" if failed else wrote)
     return summary
 
 

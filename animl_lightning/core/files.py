@@ -185,6 +185,19 @@ def check_writable(path: str | Path, key: str) -> Path:
     return target
 
 
+def same_file(first: str | Path, second: str | Path) -> bool:
+    """Whether two paths name one file: the same file on disk (a symlink or a hard link to it), else the same path.
+
+    A path that does not exist yet is compared by its absolute, symlink-free form, so ``out/../md.json`` is
+    ``md.json``.
+    """
+    a, b = Path(first), Path(second)
+    try:
+        return a.samefile(b)
+    except OSError:  # one of them does not exist (yet) or cannot be looked at: compare where they point
+        return a.resolve() == b.resolve()
+
+
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete temporary files left by a killed writer below ``folder``; return how many were removed."""
     root = Path(folder)

@@ -1,7 +1,9 @@
 """``export format=animl``: one folder with everything Animl's classifier endpoints need.
 
 Written into a sibling temporary folder and renamed into place at the end, so ``output`` holds either the whole
-bundle or what it held before:
+bundle or what it held before. An existing ``output`` is replaced only when it is empty or holds nothing but an
+earlier bundle's files (as listed by its ``bundle_files.json``); anything else there is refused with one line and
+left untouched, as are the current folder and the folders above it:
 
 - ``<model id>.mar``: the TorchServe archive (CPU TorchScript ``model.pt``, ``handler.py`` =
   :mod:`animl_lightning.deploy.torchserve_handler`, ``index_to_name.json``, ``bundle.json`` and the crop and
@@ -14,7 +16,8 @@ bundle or what it held before:
   ``categories`` with ``_id`` = ``name`` = label, a colour each, per-label thresholds when the checkpoint has them,
   ``expectsCrops: true``);
 - ``sample_request.json`` and the ``sample_response.json`` this export's ONNX model gives for it;
-- ``README.md``: how to register the model in Animl.
+- ``README.md``: how to register the model in Animl;
+- ``bundle_files.json``: every other file above, written last; it is how a later export recognises its own bundle.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import base64
 import colorsys
 import io
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -30,7 +34,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -45,6 +49,7 @@ from animl_lightning.core.files import (
     atomic_write_json,
     atomic_write_text,
     check_writable,
+    read_json_file,
 )
 from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, answer_request
 from animl_lightning.deploy.export import INPUT_NAME, ExportError, onnx_bytes, torchscript_bytes
@@ -69,6 +74,7 @@ SERVER_SOURCES = (*CORE_SOURCES, "deploy/__init__.py", "deploy/onnx_runtime.py",
 DEFAULT_THRESHOLD = 0.5
 TORCHSERVE_VERSION = "0.12.0"
 SAMPLE_BBOX = [0.2, 0.25, 0.7, 0.8]  # [ymin, xmin, ymax, xmax], as Animl sends it
+MANIFEST_FILENAME = "bundle_files.json"
 
 
 @dataclass(frozen=True)
@@ -216,11 +222,96 @@ def build_mar(staging: Path, model_id: str, version: str) -> Path:
     return mar
 
 
+def bundle_manifest(folder: Path) -> dict[str, Any]:
+    """``bundle_files.json``: who wrote the folder and every file in it (POSIX paths relative to it), sorted."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    return {"written_by": f"animl-lightning {__version__} export format=animl", "files": files}
+
+
+def _listed_files(folder: Path) -> set[str] | None:
+    """The files an earlier export listed in ``folder``'s manifest; None when it has no readable one."""
+    manifest = folder / MANIFEST_FILENAME
+    if not manifest.is_file():
+        return None
+    try:
+        record = read_json_file(manifest, ConfigError)
+    except ConfigError:
+        return None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return {*files, MANIFEST_FILENAME}
+
+
+def _first_unlisted(folder: Path, listed: set[str]) -> str | None:
+    """The first entry below ``folder`` that is none of ``listed`` nor a folder holding one; None if there is none.
+
+    Python's bytecode caches are not the user's: running the bundle's ``serving/`` sources writes them.
+    """
+    folders = {str(parent) for name in listed for parent in PurePosixPath(name).parents}
+    for root, subfolders, files in os.walk(folder):
+        here = PurePosixPath(Path(root).relative_to(folder).as_posix())
+        subfolders.sort()
+        for name in sorted(files):
+            if (here / name).as_posix() not in listed and not (here.name == "__pycache__" and name.endswith(".pyc")):
+                return (here / name).as_posix()
+        for name in subfolders:
+            entry = here / name
+            # os.walk lists a symlink to a folder among the folders without entering it; the export writes none.
+            if Path(root, name).is_symlink() and entry.as_posix() not in listed:
+                return entry.as_posix()
+            if entry.as_posix() not in folders and name != "__pycache__":
+                return entry.as_posix()
+    return None
+
+
+def refuse_unless_replaceable(folder: Path, shown: Path | None = None) -> None:
+    """Refuse a ``folder`` that exists and is neither empty nor an earlier bundle with nothing added to it.
+
+    ``shown`` is the path named in the error (the folder's own name while it sits under a temporary one).
+
+    Raises:
+        ConfigError: naming the folder and what in it the export did not write.
+    """
+    if not folder.exists():
+        return
+    name = shown or folder
+    if not folder.is_dir():
+        raise ConfigError(f"output: {name} is a file; format=animl writes a folder")
+    if not any(folder.iterdir()):
+        return
+    listed = _listed_files(folder)
+    if listed is None:
+        raise ConfigError(
+            f"output: {name} is not empty and holds no bundle of format=animl (no readable {MANIFEST_FILENAME}); "
+            "it replaces only an empty folder or its own earlier bundle: choose a new folder"
+        )
+    unlisted = _first_unlisted(folder, listed)
+    if unlisted is not None:
+        raise ConfigError(
+            f"output: {name} holds {unlisted}, which format=animl did not write there; the export replaces the whole "
+            "folder: move that away or choose a new folder"
+        )
+
+
 def output_folder(output: str | Path) -> Path:
-    """``output`` as the bundle folder; a file there is refused (the bundle replaces a folder, never a file)."""
-    target = Path(output)
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"output: {target} is a file; format=animl writes a folder")
+    """``output`` as the absolute bundle folder, once it is sure that writing there loses nothing of the user's.
+
+    Refused: the current folder and those above it (``output=.``), a file, and a folder holding anything that is
+    not an earlier bundle (:func:`refuse_unless_replaceable`).
+
+    Raises:
+        ConfigError: naming ``output`` and why.
+    """
+    # Resolved, so that `.`, `..`, a trailing slash and a symlink name the folder that would really be replaced.
+    target = Path(output).resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise ConfigError(
+            f"output: {output} is the current folder or one above it ({target}); format=animl replaces its output "
+            "folder: give a new folder, e.g. output=animl_model"
+        )
+    refuse_unless_replaceable(target)
     return target
 
 
@@ -232,11 +323,12 @@ def write_animl_bundle(
     description: str = "",
     threshold: float = DEFAULT_THRESHOLD,
 ) -> AnimlBundle:
-    """Write the bundle of the module docstring into ``output`` (a folder; replaced whole when it exists).
+    """Write the bundle of the module docstring into ``output`` (a folder; see :func:`output_folder`).
 
     Raises:
         ExportError: the model cannot be exported or archived.
-        ConfigError: ``output`` is a file, or a setting is out of range.
+        ConfigError: ``output`` cannot be replaced without losing files (:func:`output_folder`), or a setting is out
+            of range.
     """
     target = output_folder(output)
     if not 0.0 <= threshold <= 1.0:
@@ -250,9 +342,15 @@ def write_animl_bundle(
         _write_into(staging, loaded, model_id, version, description or _default_description(loaded), threshold)
         staging.chmod(0o755)
         if target.exists():
-            old = target.with_name(f".{target.name}{TMP_MARKER}old")
-            shutil.rmtree(old, ignore_errors=True)
+            # A unique name (staging's own is), so no earlier leftover is ever removed by mistake.
+            old = staging.with_name(f"{staging.name}-old")
             target.rename(old)
+            try:
+                # Checked again under its temporary name, where nothing can be added any more: the export took a while.
+                refuse_unless_replaceable(old, shown=target)
+            except ConfigError:
+                old.rename(target)
+                raise
             staging.rename(target)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -299,6 +397,7 @@ def _write_into(
     atomic_write_json(staging / "sample_request.json", request, indent=None)
     atomic_write_json(staging / "sample_response.json", response)
     atomic_write_text(staging / "README.md", _readme(model_id, loaded, torch_version))
+    atomic_write_json(staging / MANIFEST_FILENAME, bundle_manifest(staging))
 
 
 def torchserve_config(
@@ -403,7 +502,7 @@ def export_animl(
     """Load a checkpoint on the CPU and write its Animl bundle; see :func:`write_animl_bundle`."""
     from animl_lightning.deploy.inference import load_classifier
 
-    folder = output_folder(output)  # checked before the checkpoint is loaded
+    folder = output_folder(output)  # checked before the checkpoint is loaded, and again when it is replaced
     check_writable(folder.parent / f".{folder.name}.probe", "output")
     loaded = load_classifier(checkpoint, device="cpu")
     return write_animl_bundle(loaded, folder, model_id, version, description, threshold)

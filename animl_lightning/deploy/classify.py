@@ -23,7 +23,9 @@ The output is the input file with, added:
 Boxes, detection confidences and every other field are copied untouched. The output is written atomically, also
 while the job runs (every ``save_interval_s`` seconds, without ``classification_completion_time``). A rerun with
 the same output file keeps the classifications of images whose detections are unchanged and classifies the rest;
-images that failed with :data:`FAILURE_PREFIX` are tried again.
+images that failed with :data:`FAILURE_PREFIX` are tried again. The output is never one of the input files, and a
+run in which every detection it tried failed writes nothing (:class:`ClassifyInputError`), so a wrong ``images_dir``
+cannot replace a good output with failures.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from animl_lightning.core.files import (
     check_writable,
     read_json_file,
     safe_join,
+    same_file,
 )
 from animl_lightning.core.imaging import image_display_size
 from animl_lightning.core.issues import PrepareReport
@@ -127,7 +130,10 @@ class ClassifySettings:
 
 @dataclass
 class ClassifySummary:
-    """What a classify run did; ``failures`` lists ``{"file", "detection", "message"}`` for every failed crop."""
+    """What a classify run did; ``failures`` lists ``{"file", "detection", "message"}`` for every failed crop.
+
+    ``images_to_classify`` counts the images whose detections this run tried (not those kept from a previous run).
+    """
 
     images: int = 0
     detections: int = 0
@@ -141,6 +147,28 @@ class ClassifySummary:
     failures: list[dict[str, Any]] = field(default_factory=list)
     smoothing: SmoothingSummary | None = None
     detections_below_threshold: int = 0
+    images_to_classify: int = 0
+
+    @property
+    def nothing_classified(self) -> bool:
+        """Every detection this run tried failed and none was kept from a previous run.
+
+        An output would then hold no classification at all; a wrong ``images_dir`` fails every image.
+        """
+        return self.detections_failed > 0 and self.detections_classified == 0 and self.detections_resumed == 0
+
+    def failure_note(self) -> str:
+        """How many detections and images failed in this run, and the first reason; empty when none failed."""
+        if not self.failures:
+            return ""
+        first = self.failures[0]
+        tried = self.detections_classified + self.detections_failed
+        images = len({failure["file"] for failure in self.failures})
+        reason = " ".join(str(first["message"]).split())  # one line, whatever the decoder's message holds
+        return (
+            f"{self.detections_failed} of {tried} detections in {images} of {self.images_to_classify} images could "
+            f"not be classified (first: {first['file']}: {reason})"
+        )
 
     @property
     def crops_per_second(self) -> float:
@@ -377,6 +405,7 @@ class _Job:
                 continue
             if self._resume(i, image, eligible, previous_images.get(image["file"]), previous_csv):
                 continue
+            self.summary.images_to_classify += 1
             try:
                 path = str(safe_join(images_dir, image["file"]))
             except UnsafePathError as error:
@@ -643,6 +672,10 @@ def classify_detections(
 
     Returns:
         What was done, including every failure.
+
+    Raises:
+        ClassifyInputError: every detection this run tried failed (nothing is written then, so an earlier output
+            stays as it was).
     """
     settings = settings or ClassifySettings()
     output_path = Path(output_file)
@@ -668,17 +701,20 @@ def classify_detections(
     for batch in _batches(loaded, predict, job.requests, settings):
         for row, request in enumerate(batch.indices):
             job.apply(int(request), batch.probabilities[row], batch.errors[row])
-        if time.monotonic() - last_save >= settings.save_interval_s:
+        # Until something is classified a save could only put failures over a previous, good output.
+        has_results = job.summary.detections_classified + job.summary.detections_resumed > 0
+        if has_results and time.monotonic() - last_save >= settings.save_interval_s:
             job.write(output_path, csv_path, partial_info=True)
             last_save = time.monotonic()
     job.summary.seconds = time.perf_counter() - started
+    if job.summary.nothing_classified:
+        note = job.summary.failure_note()
+        raise ClassifyInputError(f"every detection failed, so {output_path} was not written: {note}")
     job.summary.smoothing = _smooth(job.output, Path(images_dir), settings)
     job.finish_info(name)
     job.write(output_path, csv_path, partial_info=False)
     if job.summary.failures:
-        log.warning(
-            "%d detections could not be classified; see 'failure' in %s", job.summary.detections_failed, output_path
-        )
+        log.warning("%s; see 'failure' in %s", job.summary.failure_note(), output_path)
     return job.summary
 
 
@@ -719,6 +755,28 @@ def _batches(
     )
 
 
+def refuse_writing_over_inputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output that is one of the inputs (also through a symlink or a hard link), or another output.
+
+    Whatever ``resume`` says: the detections file is often the only copy of days of MegaDetector time.
+
+    Raises:
+        ClassifyInputError: naming both settings.
+    """
+    given = [(key, path) for key, path in outputs.items() if path]
+    for position, (key, path) in enumerate(given):
+        for source_key, source in inputs.items():
+            if source and same_file(path, source):
+                example = f"{Path(path).stem}_classified{'.csv' if key == 'output_csv' else '.json'}"
+                raise ClassifyInputError(
+                    f"{key}: {path} is the {source_key}; classify never writes over its input: choose another "
+                    f"{key} (e.g. {key}={example})"
+                )
+        for other_key, other in given[position + 1 :]:
+            if same_file(path, other):
+                raise ClassifyInputError(f"{other_key}: {other} is the {key} too; give it a name of its own")
+
+
 def run_classify(
     checkpoint: str | Path,
     output_file: str | Path,
@@ -737,7 +795,8 @@ def run_classify(
     The outputs are checked for writability before any work, so a bad ``output_file`` costs no classification.
 
     Raises:
-        ClassifyInputError: no input or several, a missing ``images_dir``, an output that cannot be written.
+        ClassifyInputError: no input or several, a missing ``images_dir``, an output that cannot be written or is
+            one of the input files, every detection failed.
         CheckpointError: the checkpoint is unusable.
     """
     sources = {
@@ -749,6 +808,12 @@ def run_classify(
         raise ClassifyInputError(
             f"set exactly one of detections_file, cct_file, crops_dir; got {sorted(sources) or 'none'}"
         )
+    inputs = {
+        **sources,
+        "checkpoint": checkpoint,
+        "classify.sequence_file": settings.sequence_file if settings is not None else None,
+    }
+    refuse_writing_over_inputs({"output_file": output_file, "output_csv": output_csv}, inputs)
     check_writable(output_file, "output_file")
     if settings is not None and settings.sequence_file and not Path(settings.sequence_file).is_file():
         raise ClassifyInputError(f"classify.sequence_file: {settings.sequence_file} does not exist")

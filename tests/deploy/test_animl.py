@@ -359,6 +359,71 @@ def test_export_animl_refuses_bad_settings_with_one_line(
         assert not list(tmp_path.glob(".*tmp*"))
 
 
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every entry below ``folder``: a file's bytes, None for a folder."""
+    return {p.relative_to(folder).as_posix(): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+def test_export_animl_refuses_a_folder_it_did_not_write_and_touches_nothing(
+    checkpoint: Path, bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from animl_lightning.deploy.animl_bundle import output_folder
+    from animl_lightning.export import main
+
+    work = tmp_path / "work"  # a user's working folder: a document and a folder of photos
+    work.mkdir()
+    (work / "field notes.odt").write_bytes(b"PK\x03\x04 six months of field notes")
+    for i, (width, height) in enumerate(IMAGE_SIZES):
+        write_jpeg(work / "photos" / f"IMG_{i:04d}.JPG", width, height, seed=i)
+    added_to = tmp_path / "earlier_bundle"  # an earlier bundle, with a file of the user's added to it
+    shutil.copytree(bundle, added_to)
+    (added_to / "serving" / "deployment notes.txt").write_text("endpoint: animl-classifier-prod\n")
+    before = _tree(tmp_path)
+    cases = [
+        (tmp_path, str(work), "holds no bundle of format=animl"),
+        (tmp_path, "work/", "holds no bundle of format=animl"),
+        (work, ".", "is the current folder or one above it"),
+        (work, "..", "is the current folder or one above it"),
+        (work, "photos/..", "is the current folder or one above it"),
+        (work, str(added_to), "holds serving/deployment notes.txt, which format=animl did not write"),
+    ]
+    for cwd, output, reason in cases:
+        monkeypatch.chdir(cwd)
+        argv = ["animl_lightning.export", f"checkpoint={checkpoint}", "format=animl", f"output={output}"]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as stop:
+            main()
+        assert stop.value.code == 2, output
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.out + captured.err
+        lines = [line for line in captured.err.splitlines() if line.startswith("export: ")]
+        assert len(lines) == 1 and reason in lines[0] and "output: " in lines[0], (output, captured.err)
+        assert _tree(tmp_path) == before, output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert output_folder(empty) == empty  # an empty folder is fine to replace
+
+
+def test_export_animl_replaces_its_own_earlier_bundle(checkpoint: Path, bundle: Path, tmp_path: Path) -> None:
+    earlier = tmp_path / "animl_model"
+    shutil.copytree(bundle, earlier)
+    # Running the bundle's own server sources leaves Python's bytecode caches: not the user's, replaced too.
+    cache = earlier / "serving" / "animl_lightning" / "__pycache__"
+    cache.mkdir()
+    (cache / f"errors.cpython-{sys.version_info.major}{sys.version_info.minor}.pyc").write_bytes(b"\x00" * 16)
+
+    args = [f"checkpoint={checkpoint}", "format=animl", f"output={earlier}/", "animl.version=v3"]
+    result = run_command("export", args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((earlier / "mlmodel.json").read_text())["version"] == "v3"
+    assert not cache.exists()
+    manifest = json.loads((earlier / "bundle_files.json").read_text())
+    on_disk = sorted(p.relative_to(earlier).as_posix() for p in earlier.rglob("*") if p.is_file())
+    assert manifest["files"] == [name for name in on_disk if name != "bundle_files.json"]
+    assert {"model.onnx", "test_efficientnet-best.mar", "serving/requirements.txt"} <= set(manifest["files"])
+    assert [p.name for p in tmp_path.iterdir()] == ["animl_model"]  # no temporary folder left beside it
+
+
 @pytest.mark.slow
 def test_torchserve_loads_the_archive_and_answers_animl_requests(
     bundle: Path, photos: list[Path], tmp_path: Path

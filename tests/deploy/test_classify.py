@@ -466,3 +466,106 @@ def test_backend_auto_is_onnx_runtime_on_the_cpu_and_a_wrong_backend_is_named(
     settings = ClassifySettings(threshold=0.8, min_conf=0.0, batch_size=3, num_workers=0, backend="auto")
     classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
     assert _read(output)["info"]["classifier_metadata"]["backend"] == "onnxruntime"
+
+
+# --- the user's files are never lost (issue 25, item 2) ---------------------------------------------------------
+
+CLI_FAST = ["backend=torch", "device=cpu", "classify.num_workers=0"]
+
+
+def _one_error_line(captured: pytest.CaptureResult[str]) -> str:
+    assert "Traceback" not in captured.out + captured.err
+    lines = [line for line in captured.err.splitlines() if line.startswith("classify: ")]
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("link", ["same path", "through ..", "symlink", "hard link"])
+@pytest.mark.parametrize("resume", [True, False])
+def test_output_file_that_is_the_detections_file_is_refused_whatever_resume_says(
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    link: str,
+    resume: bool,
+) -> None:
+    detections_file, _, _ = write_megadetector_file(tmp_path)
+    before = detections_file.read_bytes()
+    output = {
+        "same path": detections_file,
+        "through ..": tmp_path / "images" / ".." / detections_file.name,
+        "symlink": tmp_path / "link.json",
+        "hard link": tmp_path / "hard.json",
+    }[link]
+    if link == "symlink":
+        output.symlink_to(detections_file)
+    elif link == "hard link":
+        os.link(detections_file, output)
+    # A wrong images_dir (every image missing) is how the user lost every detection.
+    wrong_images = tmp_path / "empty"
+    wrong_images.mkdir()
+    args = [
+        f"checkpoint={checkpoint}",
+        f"detections_file={detections_file}",
+        f"images_dir={wrong_images}",
+        f"output_file={output}",
+        f"resume={str(resume).lower()}",
+        *CLI_FAST,
+    ]
+    assert _main(args, monkeypatch) == 2
+    line = _one_error_line(capsys.readouterr())
+    assert "is the detections_file" in line and "resume" not in line
+    assert detections_file.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["md.json", "images", "empty", *([output.name] if link in {"symlink", "hard link"} else [])]
+    )
+
+
+def test_a_run_in_which_every_image_fails_exits_2_and_keeps_the_previous_output(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    output, table = tmp_path / "classified.json", tmp_path / "classified.csv"
+    common = [f"checkpoint={checkpoint}", f"detections_file={detections_file}", *CLI_FAST]
+    outputs = [f"output_file={output}", f"output_csv={table}"]
+    assert _main([*common, f"images_dir={images_dir}", *outputs], monkeypatch) == 0
+    capsys.readouterr()
+    good = {path: path.read_bytes() for path in (output, table, detections_file)}
+
+    moved = tmp_path / "moved_away"  # the right folder name, but the photos are elsewhere now
+    moved.mkdir()
+    # Another min_conf classifies every image again; save_interval_s=0 saves after every batch, which is when a run
+    # used to write its failures over a good output.
+    for extra in (["classify.min_conf=0.2"], ["resume=false", "classify.save_interval_s=0", "classify.batch_size=1"]):
+        assert _main([*common, f"images_dir={moved}", *outputs, *extra], monkeypatch) == 2
+        line = _one_error_line(capsys.readouterr())
+        assert "every detection failed" in line
+        assert "7 of 7 detections in 5 of 5 images could not be classified" in line
+        assert "first: cam1/a.jpg: image unreadable" in line
+        assert {path: path.read_bytes() for path in good} == good
+
+    fresh = tmp_path / "fresh.json"
+    assert _main([*common, f"images_dir={moved}", f"output_file={fresh}"], monkeypatch) == 2
+    assert "every detection failed" in _one_error_line(capsys.readouterr())
+    assert not fresh.exists() and not list(tmp_path.glob(".fresh.json*"))
+
+
+def test_a_run_with_some_failures_says_how_many_in_its_last_line(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)  # a missing and a corrupt image among 5
+    output = tmp_path / "classified.json"
+    args = [
+        f"checkpoint={checkpoint}",
+        f"detections_file={detections_file}",
+        f"images_dir={images_dir}",
+        f"output_file={output}",
+        *CLI_FAST,
+    ]
+    assert _main(args, monkeypatch) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {output}; 2 of 7 detections in 2 of 5 images could not be classified")
+    assert "(first: cam2/d_missing.jpg: image unreadable" in last
+    failed = [image["file"] for image in _read(output)["images"] if str(image.get("failure", "")).startswith("class")]
+    assert failed == ["cam2/d_missing.jpg", "cam2/corrupt.jpg"]
