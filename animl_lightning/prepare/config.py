@@ -204,6 +204,27 @@ class DemoSettings:
 
 
 @dataclass
+class FolderSettings:
+    """Images sorted into one folder per label, read instead of a CCT export (``folders.*``)."""
+
+    root: str | None = None
+    location_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            # Without a root the demo project would run, which is never what a user who set a level meant.
+            require(self.location_level is None, "folders.location_level", "is only used with folders.root")
+            return
+        require(bool(self.root), "folders.root", "must not be empty")
+        require(Path(self.root).is_dir(), "folders.root", f"{self.root} is not a folder")
+        require(
+            self.location_level is None or self.location_level >= 0,
+            "folders.location_level",
+            f"must be null or >= 0 (0: the first folder level under folders.root), got {self.location_level}",
+        )
+
+
+@dataclass
 class PathSettings:
     """The shared folders of ``configs/paths/`` (``paths.*``); prepare.py uses ``data_dir`` as its default output."""
 
@@ -227,11 +248,14 @@ class PrepareSettings:
     split: SplitSettings = field(default_factory=SplitSettings)
     sequences: SequenceSettings = field(default_factory=SequenceSettings)
     demo: DemoSettings = field(default_factory=DemoSettings)
+    folders: FolderSettings = field(default_factory=FolderSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     force: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")
+        if self.folders.root is not None:
+            self._check_folder_source(self.folders.root)
         if self.coco_file is not None:
             require(Path(self.coco_file).is_file(), "coco_file", f"{self.coco_file} does not exist")
             require(
@@ -253,3 +277,26 @@ class PrepareSettings:
                 "dataset",
                 f"must be a non-empty name without '/', got {self.dataset!r}",
             )
+
+    def _check_folder_source(self, root: str) -> None:
+        require(
+            self.coco_file is None,
+            "folders.root",
+            "set either coco_file (a CCT export) or folders.root (images sorted into folders), not both",
+        )
+        require(
+            self.images_dir is None,
+            "images_dir",
+            "is not used with folders.root (the images are read where they are, under folders.root)",
+        )
+        require(
+            self.s3.bucket is None,
+            "s3.bucket",
+            "is not used with folders.root (the images are read where they are, under folders.root)",
+        )
+        # The crops would land among the images, and the next run would read them as photos.
+        require(
+            Path(self.output_dir).resolve() != Path(root).resolve(),
+            "output_dir",
+            f"must not be folders.root ({root}); choose a folder of its own",
+        )

@@ -1,6 +1,7 @@
 """The prepare pipeline: run the stages in order, skip the ones whose outputs are current, report.
 
-Stages: ingest -> images -> boxes -> crops -> labels -> dataset -> splits.
+Stages: ingest -> images -> boxes -> crops -> labels -> dataset -> splits; with ``folders.root`` a ``folders``
+stage first derives the CCT file that ingest reads (:mod:`animl_lightning.prepare.folders`).
 
 Resumability has two layers. Inside a stage, per-file work (downloads, crops) skips what is already on disk and
 complete, because every file is written atomically. Across stages, ``prepare_info.json`` records a fingerprint of
@@ -47,6 +48,12 @@ from animl_lightning.prepare.config import PrepareSettings
 from animl_lightning.prepare.crop_stage import make_crops
 from animl_lightning.prepare.dataset import build_dataset_frame, write_dataset_files
 from animl_lightning.prepare.demo import generate_demo_project
+from animl_lightning.prepare.folders import (
+    FOLDERS_CCT_FILENAME,
+    build_folder_source,
+    folder_dataset_name,
+    split_without_locations,
+)
 from animl_lightning.prepare.images import ensure_images
 from animl_lightning.prepare.labels import apply_labels
 from animl_lightning.prepare.splits import (
@@ -62,6 +69,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "images", "boxes", "crops", "labels", "dataset", "splits")
 STAGE_CROPS = "crops"
+STAGE_FOLDERS = "folders"
 
 
 class PrepareError(AnimlError, ValueError):
@@ -88,6 +96,7 @@ class PrepareSummary:
     split_table: pd.DataFrame | None = None
     split_diagnosis: SplitDiagnosis | None = None
     report: PrepareReport = field(default_factory=PrepareReport)
+    warnings: list[str] = field(default_factory=list)
 
 
 def run_prepare(settings: PrepareSettings) -> PrepareSummary:
@@ -124,9 +133,19 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         raise TaxonomyError(f"labels.taxonomy_file: {taxonomy_file} does not exist")
 
     report = PrepareReport()
+    folders_root = settings.folders.root
     coco_file, images_dir = _resolve_inputs(settings, output_dir)
-    dataset = settings.dataset or Path(coco_file).stem
+    dataset = settings.dataset or (folder_dataset_name(folders_root) if folders_root else Path(coco_file).stem)
     summary = PrepareSummary(output_dir=output_dir, dataset=dataset, report=report)
+    split = settings.split
+    if folders_root is not None and settings.folders.location_level is None:
+        split, warnings = split_without_locations(settings.split)
+        for warning in warnings:
+            log.warning("%s", warning)
+            report.add(
+                STAGE_FOLDERS, "split_without_locations", warning, field="folders.location_level", action="changed"
+            )
+        summary.warnings.extend(warnings)
     info = _load_info(output_dir) if not settings.force else {}
     previous = info.get("stages", {}) if info.get("version") == __version__ else {}
     info = {
@@ -144,6 +163,8 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         "stages": dict(previous),
     }
     report.info.update({"dataset": dataset, "coco_file": str(coco_file), "images_dir": str(images_dir)})
+    if folders_root is not None:
+        report.info["folders_root"] = folders_root
 
     @contextmanager
     def stage(name: str) -> Iterator[StageResult]:
@@ -168,6 +189,22 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
     def finish(name: str, fingerprint: str) -> None:
         info["stages"][name] = fingerprint
         write_prepare_info(info, output_dir / INFO_FILENAME)
+
+    if folders_root is not None:
+        with stage(STAGE_FOLDERS) as result:
+            source = build_folder_source(
+                settings.folders,
+                output_dir,
+                report,
+                # With MegaDetector results the boxes come from them, as for a CCT export without boxes.
+                whole_image_boxes=settings.detections_file is None,
+                reuse_scan=not settings.force,
+            )
+            cct_digest = _file_digest(coco_file)
+            if source.headers_read == 0 and previous.get(STAGE_FOLDERS) == cct_digest:
+                result.status = "skipped (current)"
+            result.detail = f"{len(source.images)} images, {source.headers_read} headers read"
+            finish(STAGE_FOLDERS, cct_digest)
 
     coco_digest = _file_digest(coco_file)
     with stage("ingest") as result:
@@ -223,9 +260,7 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         result.detail = f"{labelled['label'].nunique()} labels"
 
     with stage("dataset") as result:
-        frame = build_dataset_frame(
-            labelled, dataset, settings.split.min_locs, report, settings.sequences.max_gap_s, settings.split
-        )
+        frame = build_dataset_frame(labelled, dataset, split.min_locs, report, settings.sequences.max_gap_s, split)
         labels = write_dataset_files(frame, output_dir)
         result.detail = f"{len(frame)} crops, {len(labels)} labels"
         taxonomy_path = output_dir / TAXONOMY_FILENAME
@@ -238,18 +273,18 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         finish("dataset", _file_digest(output_dir / CSV_FILENAME))
 
     with stage("splits") as result:
-        reuse_digest = _file_digest(Path(settings.split.reuse)) if settings.split.reuse else None
-        splits_fp = _fingerprint(info["stages"]["dataset"], dataclasses.asdict(settings.split), reuse_digest)
+        reuse_digest = _file_digest(Path(split.reuse)) if split.reuse else None
+        splits_fp = _fingerprint(info["stages"]["dataset"], dataclasses.asdict(split), reuse_digest)
         splits_path = output_dir / SPLITS_FILENAME
         report_path = output_dir / SPLIT_REPORT_FILENAME
         if previous.get("splits") == splits_fp and splits_path.is_file() and report_path.is_file():
             table = pd.read_csv(report_path, dtype={"label": "string", "split": "string"})
-            diagnosis = review_splits(frame, read_splits(splits_path), settings.split, report)
+            diagnosis = review_splits(frame, read_splits(splits_path), split, report)
             result.status = "skipped (current)"
         else:
-            made = make_splits(frame, settings.split, report)
+            made = make_splits(frame, split, report)
             diagnosis = made.diagnosis
-            table = write_split_files(frame, made.splits, output_dir, settings.split.group_by, diagnosis.targets)
+            table = write_split_files(frame, made.splits, output_dir, split.group_by, diagnosis.targets)
         summary.split_table = table
         summary.split_diagnosis = diagnosis
         result.detail = f"{table['split'].nunique() if not table.empty else 0} splits"
@@ -284,12 +319,17 @@ def format_summary(summary: PrepareSummary) -> str:
         lines.append(format_shares(summary.split_diagnosis, table))
         for warning in summary.split_diagnosis.warnings:
             lines.append(f"WARNING: {warning}")
+    for warning in summary.warnings:
+        lines.append(f"WARNING: {warning}")
     lines.append("")
     lines.append(f"report: {summary.output_dir / REPORT_FILENAME}")
     return "\n".join(lines)
 
 
 def _resolve_inputs(settings: PrepareSettings, output_dir: Path) -> tuple[Path, Path]:
+    if settings.folders.root is not None:
+        # The folders stage writes this CCT file; the images are read where they are.
+        return output_dir / FOLDERS_CCT_FILENAME, Path(settings.folders.root)
     if settings.coco_file is None:
         coco_file, images_dir = generate_demo_project(output_dir / "demo_source", settings.demo)
         return Path(coco_file), Path(images_dir)
