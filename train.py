@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 from hydra.utils import instantiate
 from lightning import Trainer, seed_everything
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -105,6 +106,9 @@ def train(cfg: DictConfig) -> float | None:
     hydra_cfg = hydra_config()
     apply_wandb_run_identity(cfg, hydra_cfg)
     loggers: list[Logger] = instantiate_named(cfg.get("logger"), "logger")
+    if not loggers:
+        # Lightning refuses a learning-rate monitor without a logger to write to (logger=none).
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     accelerator = cfg.trainer.get("accelerator", "auto")
     trainer_args: dict[str, Any] = {
         "callbacks": callbacks,
