@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -70,9 +69,12 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("seed", ("recipe=seed",)),
     Variant("modern", ("recipe=modern",)),
+    Variant("transfer", ("recipe=transfer",)),
     Variant("+randaugment", ("recipe=seed", "data.auto_augment=rand-m7-mstd0.5-inc1")),
     Variant("+trivialaugment", ("recipe=seed", "data.auto_augment=trivialaugment")),
-    Variant("+mixup_cutmix", ("recipe=seed", "model.mixup_alpha=0.2", "model.cutmix_alpha=1.0", "model.mixup_prob=0.5")),
+    Variant(
+        "+mixup_cutmix", ("recipe=seed", "model.mixup_alpha=0.2", "model.cutmix_alpha=1.0", "model.mixup_prob=0.5")
+    ),
     Variant("+label_smoothing", ("recipe=seed", "model.label_smoothing=0.1")),
     Variant("+ema", ("recipe=seed", "model.ema_decay=0.998")),
     Variant("+warmup_cosine", ("recipe=seed", "scheduler=warmup_cosine")),
@@ -263,7 +265,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     frame = pd.json_normalize(results)
     metrics = [f"{s}.{m}" for s in ("val", "test") for m in ("macro_f1", "balanced_accuracy", "ece")]
-    for (variant, fold), group in [*frame.groupby(["variant", "fold"]), *frame.assign(fold="all").groupby(["variant", "fold"])]:
+    groups = [*frame.groupby(["variant", "fold"]), *frame.assign(fold="all").groupby(["variant", "fold"])]
+    for (variant, fold), group in groups:
         row: dict[str, Any] = {"variant": variant, "fold": fold, "runs": len(group)}
         for metric in metrics:
             values = group[metric].to_numpy(dtype=float)
@@ -338,7 +341,10 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.output, payload)
-    tables = [f"### fold: train at {fold}\n\n" + markdown(summary, f"train_{fold.replace(' ', '_')}", order) for fold in args.folds]
+    tables = [
+        f"### fold: train at {fold}\n\n" + markdown(summary, f"train_{fold.replace(' ', '_')}", order)
+        for fold in args.folds
+    ]
     tables.append("### both folds\n\n" + markdown(summary, "all", order))
     args.output.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
     print("\n\n".join(tables))

@@ -4,6 +4,12 @@ optionally torch.compile.
 
     python benchmarks/bench_train.py                  # writes benchmarks/results/train.json
     python benchmarks/bench_train.py --cpu-steps 1    # quicker CPU measurement
+    python benchmarks/bench_train.py --recipes-only   # (c) only: seconds per training step of each recipe
+
+(c) compares the recipes (``configs/recipe/``): the same real training steps of ``CropClassifier`` built from the
+composed config of each recipe (EfficientNet-B0 at 224 px, batch 16, loader in the main process so augmentation
+counts), interleaved so that a machine's slow moments hit every recipe alike; the steps are measured after the
+head-only epochs (``model.finetune_epochs=0``), where every recipe trains the whole network.
 
 The loader runs the real ``CropDataModule.train_dataloader()`` (label-weighted sampler, PIL decode, random resized
 crop, flips, colour jitter, grayscale, normalise) over synthetic photo-like crop JPEGs of 300-600 px. With
@@ -189,8 +195,91 @@ def bench_step(
     }
 
 
+RECIPES = ("seed", "transfer", "modern")
+
+
+def recipe_parts(recipe: str, data_dir: Path) -> tuple[Any, Any]:
+    """The classifier (with its optimizer) and the data module that ``train.py recipe=<recipe>`` would build."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from animl_lightning.cli import CONFIG_DIR, checked_partial
+
+    overrides = [
+        f"recipe={recipe}",
+        "model=effnet_b0",
+        "model.pretrained=false",
+        "model.finetune_epochs=0",
+        f"data_dir={data_dir}",
+        "data.num_workers=0",
+        "data.batch_size=16",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(
+        cfg.model,
+        class_names=datamodule.labels,
+        optimizer=checked_partial(instantiate(cfg.optimizer), "optimizer", "params"),
+        tta=str(cfg.eval.tta),
+        _convert_="all",
+    )
+    model.data_config = datamodule.set_data_config(model.data_config)
+    return model, datamodule
+
+
+def bench_recipes(data_dir: Path, steps: int, rounds: int) -> dict[str, Any]:
+    """Seconds per training step (loading, augmentation, forward, backward, optimizer, EMA) of each recipe."""
+    parts = {recipe: recipe_parts(recipe, data_dir) for recipe in RECIPES}
+    states = {}
+    for recipe, (model, datamodule) in parts.items():
+        optimizer = model.configure_optimizers()
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        model.train()
+        model.on_fit_start()  # builds the EMA when the recipe has one
+        states[recipe] = (model, iter(datamodule.train_dataloader()), datamodule, optimizer)
+
+    def run(recipe: str, count: int) -> float:
+        model, batches, datamodule, optimizer = states[recipe]
+        started = time.perf_counter()
+        for step in range(count):
+            try:
+                images, target, _ = next(batches)
+            except StopIteration:
+                batches = iter(datamodule.train_dataloader())
+                images, target, _ = next(batches)
+            _, loss = model._training_loss(images, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if model._ema is not None:
+                model._ema.update(model.model, step=step)
+        states[recipe] = (model, batches, datamodule, optimizer)
+        return time.perf_counter() - started
+
+    for recipe in RECIPES:
+        run(recipe, 1)  # warm-up: allocator, first batch
+    seconds: dict[str, list[float]] = {recipe: [] for recipe in RECIPES}
+    for _ in range(rounds):
+        for recipe in RECIPES:
+            seconds[recipe].append(run(recipe, steps) / steps)
+    per_step = {recipe: float(np.median(values)) for recipe, values in seconds.items()}
+    return {
+        "model": "efficientnet_b0",
+        "input_size": 224,
+        "batch_size": 16,
+        "steps_per_round": steps,
+        "rounds": rounds,
+        "seconds_per_step_median": {k: round(v, 3) for k, v in per_step.items()},
+        "ratio_to_seed": {k: round(v / per_step["seed"], 3) for k, v in per_step.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes-only", action="store_true", help="only (c): the recipes' training steps")
+    parser.add_argument("--recipe-steps", type=int, default=3)
+    parser.add_argument("--recipe-rounds", type=int, default=4)
     parser.add_argument("--images", type=int, default=240, help="synthetic crops to generate")
     parser.add_argument("--loader-batches", type=int, default=12)
     parser.add_argument("--loader-batch-size", type=int, default=16)
@@ -215,6 +304,17 @@ def main() -> None:
         },
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if args.recipes_only:
+        torch.set_num_threads(cores)
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir, _ = write_dataset(Path(tmp), 96)
+            recipes = bench_recipes(data_dir, args.recipe_steps, args.recipe_rounds)
+        print(json.dumps(recipes, indent=1))
+        previous = json.loads(args.output.read_text()) if args.output.is_file() else {}
+        previous["recipe_step"] = {**recipes, "measured_at": results["measured_at"], "machine": results["machine"]}
+        atomic_write_json(args.output, previous)
+        print(f"wrote {args.output}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, mean_kib = write_dataset(Path(tmp), args.images)
         results["crops"] = {"count": args.images, "side_px": [300, 600], "mean_jpeg_kib": round(mean_kib, 1)}
