@@ -254,8 +254,14 @@ class CropClassifier(LightningModule):
         if pretrained_file is not None:
             load_pretrained_file(self.model, pretrained_file)
 
-        resolved = data_config if data_config is not None else resolve_model_data_config(self.model)
-        self.hparams["data_config"] = resolve_input_size(resolved, None)
+        if data_config is None:
+            data_config = resolve_model_data_config(self.model)
+            built = built_input_size(self.model)
+            if built is not None:
+                # timm keeps the pretraining size in the resolved config when model_kwargs.img_size builds the network
+                # for another one (a DINOv2 ViT says 518 px when built for 224), so the network's own size wins.
+                data_config = {**data_config, "input_size": (int(data_config["input_size"][0]), *built[0])}
+        self.data_config = data_config
 
         self.metrics = nn.ModuleDict({_metrics_key(s): SplitMetrics(len(class_names), s) for s in SPLIT_NAMES})
 
@@ -266,7 +272,17 @@ class CropClassifier(LightningModule):
 
     @data_config.setter
     def data_config(self, value: Mapping[str, Any]) -> None:
-        self.hparams["data_config"] = resolve_input_size(value, None)
+        config = resolve_input_size(value, None)
+        built = built_input_size(self.model)
+        height, width = config["input_size"][1:]
+        if built is not None and built[1] and (height, width) != built[0]:
+            # Caught here, before fitting, rather than as timm's assertion in the first forward pass.
+            raise ConfigError(
+                f"input size {height}x{width} px: {self.hparams['model_name']} takes only "
+                f"{built[0][0]}x{built[0][1]} px (its position embeddings are sized for it); set "
+                f"model.model_kwargs.img_size={height} together with data.image_size, or leave data.image_size null"
+            )
+        self.hparams["data_config"] = config
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | CheckpointContents) -> CropClassifier:
@@ -603,6 +619,19 @@ def with_tta(network: nn.Module, mode: str) -> nn.Module:
     raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {mode!r}")
 
 
+def built_input_size(network: nn.Module) -> tuple[tuple[int, int], bool] | None:
+    """The (height, width) a timm network with a patch embedding was built for, and whether it takes only that size.
+
+    ViT-like networks size their position embeddings for ``img_size`` and refuse any other input unless created with
+    ``dynamic_img_size=True``; convolutional networks (None here) take any size.
+    """
+    patch_embed = getattr(network, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is None:
+        return None
+    return (int(size[0]), int(size[1])), bool(getattr(patch_embed, "strict_img_size", False))
+
+
 def log_label_prior(counts: np.ndarray) -> Tensor:
     """log of each label's share of the train crops; a label with no crop counts as one, so the log stays finite."""
     counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
@@ -635,7 +664,9 @@ def check_recipe_settings(
         above = high is not None and (value > high if high_inclusive else value >= high)
         if value < low or above:
             bound = "]" if high_inclusive else ")"
-            raise ConfigError(f"model.{key} must be in [{low}, {high if high is not None else 'inf'}{bound}, got {value}")
+            raise ConfigError(
+                f"model.{key} must be in [{low}, {high if high is not None else 'inf'}{bound}, got {value}"
+            )
     if not backbone_lr_scale > 0:
         raise ConfigError(f"model.backbone_lr_scale must be > 0, got {backbone_lr_scale}")
     if tta not in TTA_MODES:

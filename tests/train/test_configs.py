@@ -30,7 +30,18 @@ def compose(tmp_path: Path, *overrides: str) -> DictConfig:
 
 
 def test_every_group_has_the_documented_options() -> None:
-    assert options("model") == ["base", "convnext_tiny", "effnet_b0", "effnet_b3", "resnet50", "tiny"]
+    assert options("model") == [
+        "base",
+        "convnext_tiny",
+        "convnextv2_nano",
+        "effnet_b0",
+        "effnet_b3",
+        "effnet_lite0",
+        "effnetv2_s",
+        "resnet50",
+        "tiny",
+        "vit_small_dinov2",
+    ]
     assert options("debug") == ["default", "fast", "fdr", "limit", "overfit", "profiler"]
     assert options("optimizer") == ["adamw", "rmsprop"]
     assert options("scheduler") == ["cosine", "none", "step_decay"]
