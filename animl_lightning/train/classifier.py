@@ -19,10 +19,10 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
-from timm.data import Mixup
 from timm.data.config import resolve_model_data_config
-from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
+from timm.data.mixup import Mixup
+from timm.loss.cross_entropy import SoftTargetCrossEntropy
+from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 from torch.nn import functional
 from torchmetrics import MeanMetric, MetricCollection
@@ -111,6 +111,10 @@ class CropClassifier(LightningModule):
     Set :attr:`test_split` to make the test loop evaluate (and log as) another split, e.g. the train crops with
     the eval transform.
     """
+
+    # Set with object.__setattr__ (see __init__): the average is no child module, so its weights never enter the
+    # state dict as extra keys.
+    _ema: ModelEmaV3 | None
 
     def __init__(
         self,
@@ -317,8 +321,9 @@ class CropClassifier(LightningModule):
         """
         if self.hparams["channels_last"] and images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        network = self._ema.module if self._ema is not None else self.model
-        return with_tta(network, self.tta)(images)
+        network: nn.Module = self._ema.module if self._ema is not None else self.model
+        logits: Tensor = with_tta(network, self.tta)(images)
+        return logits
 
     @property
     def tta(self) -> str:

@@ -164,7 +164,10 @@ def check_auto_augment(policy: str | None) -> None:
 def auto_augment_step(policy: str, data_config: Mapping[str, Any]) -> Callable[[Any], Any]:
     """timm's RandAugment for a ``rand-...`` policy string, torchvision's TrivialAugmentWide for ``trivialaugment``."""
     if policy == TRIVIAL_AUGMENT:
-        return transforms.TrivialAugmentWide(interpolation=str_to_interp_mode(data_config["interpolation"]))
+        trivial: Callable[[Any], Any] = transforms.TrivialAugmentWide(
+            interpolation=str_to_interp_mode(data_config["interpolation"])
+        )
+        return trivial
     _, height, width = data_config["input_size"]
     # timm's own hyperparameters for its policies: translations up to 45% of the side, fill with the mean colour.
     hparams = {
