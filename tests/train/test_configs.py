@@ -44,7 +44,8 @@ def test_every_group_has_the_documented_options() -> None:
     ]
     assert options("debug") == ["default", "fast", "fdr", "limit", "overfit", "profiler"]
     assert options("optimizer") == ["adamw", "rmsprop"]
-    assert options("scheduler") == ["cosine", "none", "step_decay"]
+    assert options("scheduler") == ["cosine", "none", "step_decay", "warmup_cosine"]
+    assert options("recipe") == ["modern", "seed", "transfer"]
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard", "wandb"]
     assert set(options("experiment")) >= {"animl_b3"}
@@ -82,7 +83,9 @@ def test_model_options_instantiate(tmp_path: Path, model: str) -> None:
 @pytest.mark.parametrize("optimizer", options("optimizer"))
 @pytest.mark.parametrize("scheduler", options("scheduler"))
 def test_optimizer_and_scheduler_options(tmp_path: Path, optimizer: str, scheduler: str) -> None:
-    cfg = compose(tmp_path, f"optimizer={optimizer}", f"scheduler={scheduler}", "optimizer.lr=0.01")
+    cfg = compose(
+        tmp_path, f"optimizer={optimizer}", f"scheduler={scheduler}", "optimizer.lr=0.01", "trainer.max_epochs=5"
+    )
     model = instantiate(
         cfg.model,
         class_names=LABELS,
@@ -92,7 +95,9 @@ def test_optimizer_and_scheduler_options(tmp_path: Path, optimizer: str, schedul
     )
     configured = model.configure_optimizers()
     opt = configured["optimizer"] if isinstance(configured, dict) else configured
-    assert opt.param_groups[0]["lr"] == 0.01
+    # warmup_cosine starts the first epoch at warmup_start_factor x lr
+    first = 0.01 * (cfg.scheduler.warmup_start_factor if scheduler == "warmup_cosine" else 1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(first)
     if scheduler == "none":
         assert isinstance(configured, torch.optim.Optimizer)
     else:
@@ -103,6 +108,16 @@ def test_optimizer_and_scheduler_options(tmp_path: Path, optimizer: str, schedul
             opt.step()
             sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.97**5)  # x0.97 per 2.4 epochs
+    if scheduler == "warmup_cosine":
+        sched = configured["lr_scheduler"]["scheduler"]
+        rates = []
+        for _ in range(cfg.trainer.max_epochs):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        # up to the full rate after the warmup epochs, then down along the cosine
+        assert rates[cfg.scheduler.warmup_epochs] == pytest.approx(0.01)
+        assert rates[-1] < rates[cfg.scheduler.warmup_epochs] and rates[0] < rates[cfg.scheduler.warmup_epochs]
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
