@@ -159,7 +159,13 @@ def test_empty_summary_has_the_columns() -> None:
 def test_run_results_round_trip(tmp_path: Path) -> None:
     write_run_results(tmp_path, "val/loss", float("nan"), {"test/loss": 0.5, "val/loss": float("inf")})
     payload = read_run_results(tmp_path)
-    assert payload == {"monitor": "val/loss", "monitor_value": None, "metrics": {"test/loss": 0.5, "val/loss": None}}
+    assert payload == {
+        "monitor": "val/loss",
+        "monitor_value": None,
+        "metrics": {"test/loss": 0.5, "val/loss": None},
+        "data_dir": None,
+        "checkpoint": None,
+    }
     assert read_run_results(tmp_path / "missing") is None
     (tmp_path / "results.json").write_text("[1, 2")
     assert read_run_results(tmp_path) is None

@@ -186,6 +186,22 @@ def test_empty_test_split_skips_the_test_rows(tmp_path: Path) -> None:
     assert not (output / "metrics" / "predictions_test.csv").exists()
 
 
+def test_a_run_without_epochs_and_a_moved_dataset_get_a_report(tmp_path: Path) -> None:
+    from animl_lightning.train.report import build_report
+
+    data = make_prepared_dataset(tmp_path / "data", per_label=4, size=32)
+    output = tmp_path / "run"
+    run_train(data, output, "data.image_size=32", "trainer.max_epochs=0")
+    page = (output / "report.html").read_text(encoding="utf-8")
+    assert f"{data.resolve()} ({len(pd.read_csv(data / 'classification_ds.csv'))} crops," in page
+    assert "No per-epoch history" in page
+    data.rename(tmp_path / "moved")
+    build_report(output)
+    page = (output / "report.html").read_text(encoding="utf-8")
+    assert f"the prepared dataset {data.resolve()} is not here (moved?)" in page
+    assert 'data-table="per label, crop level"' in page  # the run's own tables are still there
+
+
 def test_wandb_offline_gets_the_tables(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -291,6 +307,10 @@ def test_evaluating_a_checkpoint_finds_its_dataset_by_itself(
     assert cfg.data_dir == "data/demo"
     train_script.train(cfg)
     assert pd.read_csv(tmp_path / "metrics" / "per_label.csv").equals(pd.read_csv(output / "metrics" / "per_label.csv"))
+    # Its report.html has what is known: the evaluated checkpoint's model and the dataset it was evaluated on.
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    crops = len(pd.read_csv(data_dir / "classification_ds.csv"))
+    assert f"{data_dir.resolve()} ({crops} crops," in page and "test_efficientnet" in page
 
 
 @pytest.mark.parametrize("level", ["image", "sequence"])
