@@ -164,6 +164,12 @@ def test_resume_from_last_checkpoint(fitted: tuple[Path, float | None], data_dir
     trained_epochs = set(logged.dropna(subset=["train/loss"])["epoch"].astype(int))
     assert 0 not in trained_epochs and 2 in trained_epochs
     assert (tmp_path / "metrics" / "per_label.csv").is_file()
+    # The resumed run's history has the epoch it resumed from (its row travels in last.ckpt), and every other.
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert history.loc[history["epoch"] == 1, "val/loss"].notna().all()
+    first = pd.read_csv(output / "history.csv").set_index("epoch")
+    pd.testing.assert_frame_equal(history.set_index("epoch").loc[[0, 1], first.columns], first)
 
 
 def test_same_seed_gives_the_same_run(fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path) -> None:
