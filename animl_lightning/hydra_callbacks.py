@@ -79,8 +79,12 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """Record this job's row and rebuild the summary."""
-        # JobReturn.hydra_cfg is a config whose ``hydra`` node is the job's Hydra config.
-        hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
+        # The job's own config first: JobReturn.hydra_cfg is a copy of the hydra node alone, in which the default
+        # sweep.dir (outputs/${task_name}/...) does not resolve (InterpolationKeyError, and no summary).
+        if "hydra" in config:
+            hydra_cfg = config.hydra
+        else:
+            hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
         if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or process_rank(os.environ) != 0:
             return
         run_dir = str(hydra_cfg.runtime.output_dir)
