@@ -14,7 +14,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, run_command
+from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.prepare.config import PrepareSettings
 from animl_lightning.prepare.pipeline import format_summary, run_prepare
@@ -32,6 +32,7 @@ def settings_from_config(cfg: DictConfig) -> PrepareSettings:
 
 def prepare(cfg: DictConfig) -> None:
     """Validate the config, run the stages, print the summary."""
+    refuse_unknown_keys(cfg)
     print(format_summary(run_prepare(settings_from_config(cfg))))
 
 

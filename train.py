@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from lightning import Trainer, seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -33,8 +34,10 @@ from animl_lightning.cli import (
     hydra_config,
     instantiate_named,
     overridden,
+    refuse_unknown_keys,
     run_command,
     run_config,
+    save_job_config,
 )
 from animl_lightning.core.contract import read_crop_rule
 from animl_lightning.core.errors import ConfigError
@@ -57,6 +60,8 @@ from animl_lightning.train.run import (
 from animl_lightning.train.sweeps import process_rank
 
 log = logging.getLogger("train")
+# configs/model/base.yaml: the keys every model config shares (its model_name is ???), not a model of its own.
+BASE_MODEL_CONFIG = "base"
 
 
 def build_model(cfg: DictConfig, datamodule: CropDataModule) -> CropClassifier:
@@ -69,11 +74,18 @@ def build_model(cfg: DictConfig, datamodule: CropDataModule) -> CropClassifier:
         return evaluated
     if cfg.ckpt_path:
         check_checkpoint_fits(read_checkpoint(cfg.ckpt_path), labels, crop_rule, str(cfg.data_dir))
+    # Tried once on a stand-in parameter, so that a value the optimizer or scheduler refuses is named now.
+    stand_in = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = checked_partial(instantiate(cfg.optimizer), "optimizer", "params", stand_in)
+    scheduler = None
+    if cfg.scheduler:
+        stand_in_optimizer = torch.optim.SGD(stand_in, lr=0.1)
+        scheduler = checked_partial(instantiate(cfg.scheduler), "scheduler", "optimizer", stand_in_optimizer)
     model: CropClassifier = instantiate(
         cfg.model,
         class_names=labels,
-        optimizer=checked_partial(instantiate(cfg.optimizer), "optimizer", "params"),
-        scheduler=checked_partial(instantiate(cfg.scheduler), "scheduler", "optimizer") if cfg.scheduler else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
         crop_strategy=crop_rule.strategy,
         crop_max_size=crop_rule.max_size,
         tta=str(cfg.eval.get("tta", "none")),
@@ -89,6 +101,23 @@ def train(cfg: DictConfig) -> float | None:
 
     Call ``HydraConfig().set_config(cfg)`` first when ``cfg`` was composed outside ``@hydra.main``.
     """
+    refuse_unknown_keys(cfg)
+    output_dir = str(cfg.paths.output_dir)
+    hydra_cfg = hydra_config()
+    if hydra_cfg is not None and hydra_cfg.runtime.choices.get("model") == BASE_MODEL_CONFIG:
+        models = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != BASE_MODEL_CONFIG)
+        raise ConfigError(f"model=base: base is what every model config extends, not a model; choose one of {models}")
+    with ExitStack() as stack:
+        if process_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
+            # One process writes a run folder, and writes nothing there before it holds it: a second train.py on a
+            # running run's folder is refused before it touches that run's .hydra/ (DDP ranks are not refused).
+            stack.enter_context(run_lock(output_dir, "train.py"))
+            save_job_config(cfg, hydra_cfg, output_dir)
+        return _train_in(stack, cfg, hydra_cfg, output_dir)
+
+
+def _train_in(stack: ExitStack, cfg: DictConfig, hydra_cfg: DictConfig | None, output_dir: str) -> float | None:
+    """The work of :func:`train` once the run folder is this process's; ``stack`` closes what the run opens."""
     if not cfg.train and cfg.ckpt_path and not overridden("data_dir"):
         cfg.data_dir = checkpoint_data_dir(cfg.ckpt_path) or cfg.data_dir
     if not cfg.get("data_dir"):
@@ -103,7 +132,6 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = instantiate_named(cfg.get("callbacks"), "callbacks")
     if cfg.get("calibrate"):
         callbacks.append(TemperatureCalibration())
-    hydra_cfg = hydra_config()
     apply_wandb_run_identity(cfg, hydra_cfg)
     loggers: list[Logger] = instantiate_named(cfg.get("logger"), "logger")
     if not loggers:
@@ -119,22 +147,17 @@ def train(cfg: DictConfig) -> float | None:
     if "sync_batchnorm" in cfg.trainer:
         trainer_args["sync_batchnorm"] = resolve_sync_batchnorm(bool(cfg.trainer.sync_batchnorm), accelerator)
     trainer: Trainer = instantiate(cfg.trainer, **trainer_args)
-    output_dir = str(cfg.paths.output_dir)
     keys = [key for key in RUN_KEYS if key in cfg]
     settings = run_settings(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True), output_dir)
-    with ExitStack() as stack:
-        if process_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
-            # One process writes a run folder: a second train.py resuming into it is refused (DDP ranks are not).
-            stack.enter_context(run_lock(output_dir, "train.py"))
-        stack.enter_context(ddp_children_rerun_this_job(hydra_cfg, output_dir))
-        if any(isinstance(logger, WandbLogger) for logger in loggers):
-            import wandb
+    stack.enter_context(ddp_children_rerun_this_job(hydra_cfg, output_dir))
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
 
-            # One wandb run per job: a run left open would swallow the next job of a sweep.
-            stack.callback(wandb.finish)
-        for logger in loggers:
-            logger.log_hyperparams(run_config(cfg))
-        return fit_and_evaluate(trainer, model, datamodule, settings)
+        # One wandb run per job: a run left open would swallow the next job of a sweep.
+        stack.callback(wandb.finish)
+    for logger in loggers:
+        logger.log_hyperparams(run_config(cfg))
+    return fit_and_evaluate(trainer, model, datamodule, settings)
 
 
 def resume_hint(output_dir: str) -> str:

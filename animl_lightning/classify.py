@@ -13,7 +13,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, run_command
+from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.smoothing import SmoothingOptions
 from animl_lightning.deploy.classify import ClassifySettings, ClassifySummary, run_classify
@@ -27,6 +27,7 @@ def _required(cfg: DictConfig, key: str) -> Any:
 
 def classify(cfg: DictConfig) -> ClassifySummary:
     """Classify the configured input and print the summary."""
+    refuse_unknown_keys(cfg)
     settings = ClassifySettings(
         threshold=float(cfg.detections.threshold),
         category=str(cfg.detections.category),

@@ -17,26 +17,34 @@ import Hydra or OmegaConf.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
+import importlib
 import inspect
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf.errors import MissingMandatoryValue
 
 from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.files import atomic_write_text
 from animl_lightning.train.sweeps import write_failed_run
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 INTERRUPTED_MESSAGE = "interrupted; run the same command to resume"
 EXIT_ERROR = 2
+# Where a run folder keeps the config it ran with (Hydra's default hydra.output_subdir; report.html reads it).
+JOB_CONFIG_SUBDIR = ".hydra"
 EXIT_INTERRUPTED = 130
 # Failures of the machine or the file system, not of the code: reported in one line like bad input.
 ENVIRONMENT_ERRNOS = frozenset(
@@ -64,6 +74,18 @@ ENVIRONMENT_ERRNOS = frozenset(
 )
 # Set by Lightning's DDP launcher in the launching process (see ddp_children_rerun_this_job).
 DDP_ENV_VARIABLES: tuple[str, ...] = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+# The optional dependencies (pyproject.toml's extras) by the module a command imports from them.
+EXTRA_OF_MODULE: dict[str, str] = {
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "export",
+    "fastapi": "deploy",
+    "uvicorn": "deploy",
+    "model_archiver": "deploy",
+    "optuna": "sweeps",
+    "submitit": "sweeps",
+}
 
 T = TypeVar("T")
 
@@ -97,10 +119,32 @@ def user_error(err: BaseException) -> str | None:
         return " ".join(lines)
     if isinstance(err, AnimlError):
         return str(err)
+    if isinstance(err, MissingMandatoryValue):
+        return f"{err.full_key}: must be set (the config leaves it ???)"
+    if isinstance(err, ModuleNotFoundError) and (extra := EXTRA_OF_MODULE.get(str(err.name).split(".")[0])):
+        return missing_extra_message(str(err.name).split(".")[0], extra)
     if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
         where = f"{os.fsdecode(err.filename)}: " if err.filename else ""
         return f"{where}{err.strerror or err}"
     return None
+
+
+def missing_extra_message(module: str, extra: str) -> str:
+    """What to install when ``module`` of pyproject.toml's ``extra`` is missing."""
+    return f'{module} is not installed; install the {extra} extra: pip install "animl-lightning[{extra}]"'
+
+
+def require_extra(extra: str, modules: Sequence[str]) -> None:
+    """Import ``modules`` (of pyproject.toml's ``extra``) now, so a missing one is named before any work.
+
+    Raises:
+        ConfigError: naming the first missing module and the ``pip install`` that brings it.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(missing_extra_message(module, extra)) from err
 
 
 def in_sweep() -> bool:
@@ -159,27 +203,36 @@ def instantiate_named(section: DictConfig | None, group: str) -> list[Any]:
     return objects
 
 
-def checked_partial(factory: Any, key: str, first_argument: str) -> Any:
+def checked_partial(factory: Any, key: str, first_argument: str, stand_in: Any = None) -> Any:
     """A ``_partial_`` factory whose stored keywords its target accepts; else :class:`ConfigError` naming them.
 
     Hydra only calls a partial later (the optimizer once the model's parameters exist), so a misspelt key such as
-    ``+optimizer.learning_rate`` would otherwise fail as a traceback in the middle of ``trainer.fit``.
+    ``+optimizer.learning_rate`` would otherwise fail as a traceback in the middle of ``trainer.fit``. With
+    ``stand_in`` (what the factory will be called with, e.g. one parameter for an optimizer) it is also called once
+    on that, so a value its target refuses (``optimizer.lr=-1``, ``optimizer.lr=abc``) is named before any work.
     """
     if factory is None:
         return None
     if not isinstance(factory, functools.partial):
         raise ConfigError(f"{key}: expected a _partial_: true config, got {type(factory).__name__}")
     target = factory.func
+    name = getattr(target, "__name__", str(target))
     try:
-        signature = inspect.signature(target)
+        signature: inspect.Signature | None = inspect.signature(target)
     except (TypeError, ValueError):
-        return factory
-    try:
-        signature.bind(first_argument, *factory.args, **factory.keywords)
-    except TypeError as err:
-        accepted = [name for name in signature.parameters if name not in {first_argument, "self"}]
-        name = getattr(target, "__name__", str(target))
-        raise ConfigError(f"{key}: {name} does not take these settings ({err}); it takes {accepted}") from err
+        signature = None  # a builtin without a signature: only the stand-in call can tell
+    if signature is not None:
+        try:
+            signature.bind(first_argument, *factory.args, **factory.keywords)
+        except TypeError as err:
+            accepted = [p for p in signature.parameters if p not in {first_argument, "self"}]
+            raise ConfigError(f"{key}: {name} does not take these settings ({err}); it takes {accepted}") from err
+    if stand_in is not None:
+        try:
+            factory(stand_in)
+        except (TypeError, ValueError) as err:
+            settings = ", ".join(f"{k}={v!r}" for k, v in factory.keywords.items())
+            raise ConfigError(f"{key}: {name}({settings}) refuses these settings: {err}") from err
     return factory
 
 
@@ -195,6 +248,145 @@ def overridden(key: str) -> bool:
     if hydra_cfg is None:
         return False
     return any(str(o).lstrip("+~").split("=", 1)[0] == key for o in hydra_cfg.overrides.task)
+
+
+# Keys Hydra itself reads in a ``_target_`` config (not arguments of the target).
+HYDRA_INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
+
+
+def refuse_unknown_keys(cfg: DictConfig) -> None:
+    """Refuse a key added on the command line (``+key=value``, ``++key=value``) that the command's settings lack.
+
+    Hydra adds such a key to the config without asking whether anything reads it, so ``+calibrat=true`` or
+    ``+split.val_fracc=0.3`` used to run with the setting silently ignored. A key is known when the command's config
+    (with this command line's group choices) has it, when it is an argument of the ``_target_`` class or function
+    it configures (``+trainer.limit_train_batches=1``; that call checks the value), or when it lands in a dict the
+    config leaves empty for free keys (``model.model_kwargs``). Anything else is a :class:`ConfigError` naming the
+    nearest known key. Outside ``@hydra.main`` there is no command line and nothing to check.
+    """
+    hydra_cfg = hydra_config()
+    if hydra_cfg is None:
+        return
+    overrides = OverridesParser.create().parse_overrides([str(o) for o in hydra_cfg.overrides.task])
+    groups = set(hydra_cfg.runtime.choices.keys())
+    added = [o for o in overrides if (o.is_add() or o.is_force_add()) and not _is_group_override(o, groups)]
+    composed = _plain(cfg)
+    doubtful = [o for o in added if not o.key_or_group.startswith("hydra.") and not _target_takes(composed, o)]
+    if not doubtful:
+        return
+    # What the settings know without the keys this command line added: the same composition minus those keys.
+    # Only then, as it costs a second composition (a key that already existed may be set again with ++).
+    base = _plain(_compose_without_keys(str(hydra_cfg.job.config_name), overrides, groups))
+    for override in doubtful:
+        if not _known(base, override):
+            raise ConfigError(_unknown_key_message(base, override.key_or_group, groups))
+
+
+def _is_group_override(override: Override, groups: set[str]) -> bool:
+    """Whether an override picks a config group option (``model=tiny``, ``+experiment=demo``), not a key."""
+    key = override.key_or_group
+    return override.package is not None or "/" in key or key in groups
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain dicts, interpolations unresolved (``${hydra:...}`` needs no running job here)."""
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False))
+
+
+def _compose_without_keys(config_name: str, overrides: Sequence[Override], groups: set[str]) -> DictConfig:
+    """``config_name`` composed with only the group choices of ``overrides`` (key overrides never add keys)."""
+    choices = [o.input_line or "" for o in overrides if _is_group_override(o, groups)]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name, overrides=choices)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose(config_name, overrides=choices)
+
+
+def _target_takes(config: dict[str, Any], override: Override) -> bool:
+    """Whether the key lies inside a ``_target_`` config whose target takes it as an argument."""
+    node: Any = config
+    for part in override.key_or_group.split("."):
+        if not isinstance(node, dict):
+            return False
+        if "_target_" in node and (part in HYDRA_INSTANTIATE_KEYS or _accepts(str(node["_target_"]), part)):
+            return True
+        node = node.get(part)
+    return False
+
+
+def _accepts(target: str, argument: str) -> bool:
+    """Whether ``target`` (a dotted import path) takes a keyword ``argument``; True when that cannot be told."""
+    parameters = _parameters(target)
+    if parameters is None:
+        return True
+    return argument in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _parameters(target: str) -> Mapping[str, inspect.Parameter] | None:
+    """The parameters of a ``_target_``, or None when it cannot be imported or inspected (its call will say why)."""
+    try:
+        return inspect.signature(get_object(target)).parameters
+    except Exception:  # an unimportable target fails with its own message when it is instantiated
+        return None
+
+
+def _known(base: dict[str, Any], override: Override) -> bool:
+    """Whether the key added by ``override`` is one the settings (``base``, composed without it) know."""
+    if _target_takes(base, override):
+        return True
+    value = override.value()
+    if isinstance(value, dict) and "_target_" in value:
+        return True  # a whole new object config (+callbacks.swa={_target_: ...}): its target checks its keys
+    node: Any = base
+    for part in override.key_or_group.split("."):
+        if not isinstance(node, dict):
+            return False
+        if part not in node:
+            return not node and node is not base  # an empty dict is where free keys go
+        node = node[part]
+    return True
+
+
+def _dotted_keys(node: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key of a plain config, nested ones as ``a.b.c`` (Hydra's own ``hydra`` node left out)."""
+    keys = []
+    for name, value in node.items():
+        if not prefix and name == "hydra":
+            continue
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{key}.")
+    return keys
+
+
+def _unknown_key_message(base: dict[str, Any], key: str, groups: set[str]) -> str:
+    """``<key>: unknown key; did you mean <nearest>?``: the nearest key next to it, else anywhere, else a group."""
+    parent, node = "", base
+    for part in key.split(".")[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            break
+        parent, node = f"{parent}{part}.", child
+    names = [str(name) for name in node if not (parent == "" and name == "hydra")]
+    if "_target_" in node and (parameters := _parameters(str(node["_target_"]))) is not None:
+        names += [name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    names = sorted(set(names) - HYDRA_INSTANTIATE_KEYS - {"self"})
+    # Compared by the last part (a shared "optimizer." prefix would make every sibling look close): next to it, and
+    # for a top-level key anywhere (+max_epochs=3 meant trainer.max_epochs); else the keys next to it are listed.
+    name = key.rsplit(".", 1)[-1]
+    if nearest := difflib.get_close_matches(name, names, n=1):
+        return f"{key}: unknown key; did you mean {parent}{nearest[0]}?"
+    if not parent:
+        elsewhere: dict[str, str] = {}
+        for other in sorted(_dotted_keys(base), key=len):
+            elsewhere.setdefault(other.rsplit(".", 1)[-1], other)
+        if nearest := difflib.get_close_matches(name, list(elsewhere), n=1):
+            return f"{key}: unknown key; did you mean {elsewhere[nearest[0]]}?"
+        config_groups = [g for g in groups if "/" not in g]
+        if nearest := difflib.get_close_matches(name, config_groups, n=1):
+            return f"{key}: unknown key; did you mean the config group {nearest[0]} ({nearest[0]}=NAME, no +)?"
+    return f"{key}: unknown key; {parent.rstrip('.') or 'the top level'} has {', '.join(names)}"
 
 
 def wandb_run_identity(hydra_cfg: DictConfig | None) -> tuple[str | None, str | None]:
@@ -265,6 +457,22 @@ def ddp_children_rerun_this_job(hydra_cfg: DictConfig | None, output_dir: str) -
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def save_job_config(cfg: DictConfig, hydra_cfg: DictConfig | None, output_dir: str | Path) -> None:
+    """Write ``<output_dir>/.hydra/`` (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``) as Hydra would.
+
+    ``train.py`` turns Hydra's own copy off (``hydra.output_subdir: null``) and calls this once it holds the run
+    folder's lock: Hydra writes before the job starts, so a second ``train.py`` refused on a running run's folder
+    used to replace that run's config and command line first. The files are Hydra's (unresolved, atomic here).
+    """
+    if hydra_cfg is None:
+        return
+    folder = Path(output_dir) / JOB_CONFIG_SUBDIR
+    task_keys = [str(key) for key in cfg if key != "hydra"]
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, task_keys)))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

@@ -11,15 +11,26 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, run_command
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, require_extra, run_command
+from animl_lightning.core.errors import ConfigError, require
+
+# Every format= (the model files of deploy.export, and the animl folder) and what each imports from which extra.
+FORMAT_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "onnx": ("export", ("onnx", "onnxscript", "onnxruntime")),
+    "torchscript": ("", ()),
+    "animl": ("deploy", ("onnx", "onnxscript", "onnxruntime", "model_archiver")),
+}
 
 
 def export(cfg: DictConfig) -> None:
     """Export the configured checkpoint and say where it went."""
+    refuse_unknown_keys(cfg)
+    require(cfg.format in FORMAT_EXTRAS, "format", f"must be one of {list(FORMAT_EXTRAS)}, got {cfg.format!r}")
     for key in ("checkpoint", "output"):
         if OmegaConf.is_missing(cfg, key) or not cfg[key]:
             raise ConfigError(f"{key}: must be set (e.g. {key}=PATH on the command line)")
+    extra, modules = FORMAT_EXTRAS[str(cfg.format)]
+    require_extra(extra, modules)
     if cfg.format == "animl":
         from animl_lightning.deploy.animl_bundle import export_animl
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from animl_lightning.cli import EXIT_ERROR
 from animl_lightning.train.sweeps import (
     FAILED,
     SUMMARY_FILENAME,
@@ -33,6 +37,38 @@ log = logging.getLogger(__name__)
 EXIT_JOBS_FAILED = 1
 
 
+class RunFolderCheck(Callback):
+    """Refuse, in one line (exit status 2), a run or sweep folder that cannot be created or written.
+
+    Hydra creates the folder and opens its log file there before the job starts, outside any error handling of
+    ``train.py``: a read-only ``hydra.run.dir`` used to end in Hydra's traceback.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check ``hydra.run.dir`` before Hydra creates it."""
+        _check_folder(config, "run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check ``hydra.sweep.dir`` before the launcher creates it."""
+        _check_folder(config, "sweep.dir")
+
+
+def _check_folder(config: DictConfig, key: str) -> None:
+    try:
+        # Resolved here as Hydra resolves it next (${now:...} is cached per config: the same folder).
+        folder = Path(str(OmegaConf.select(config, f"hydra.{key}")))
+    except OmegaConfBaseException:
+        return  # an interpolation only a running job resolves: Hydra's own handling applies
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(handle)
+        Path(probe).unlink()
+    except OSError as err:
+        print(f"train.py: error: hydra.{key}: cannot write to {folder}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
 class SweepSummary(Callback):
     """Write ``sweep_row.json`` per job and ``sweep_summary.csv`` (one row per job) at the sweep root.
 
@@ -43,8 +79,12 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """Record this job's row and rebuild the summary."""
-        # JobReturn.hydra_cfg is a config whose ``hydra`` node is the job's Hydra config.
-        hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
+        # The job's own config first: JobReturn.hydra_cfg is a copy of the hydra node alone, in which the default
+        # sweep.dir (outputs/${task_name}/...) does not resolve (InterpolationKeyError, and no summary).
+        if "hydra" in config:
+            hydra_cfg = config.hydra
+        else:
+            hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
         if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN or process_rank(os.environ) != 0:
             return
         run_dir = str(hydra_cfg.runtime.output_dir)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, run_command
+from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
 from animl_lightning.core.errors import ConfigError
 
 
 def report(cfg: DictConfig) -> None:
     """Build the page and say where it went."""
+    refuse_unknown_keys(cfg)
     from animl_lightning.train.report import ReportSettings, build_report
 
     if OmegaConf.is_missing(cfg, "run_dir") or not cfg.run_dir:

@@ -9,18 +9,30 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, run_command
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, require_extra, run_command
+from animl_lightning.core.errors import ConfigError, require
+
+# What serve imports from the deploy extra (pyproject.toml).
+SERVE_MODULES = ("uvicorn", "fastapi", "onnxruntime")
 
 
 def serve(cfg: DictConfig) -> None:
     """Load the bundle and serve it until stopped."""
+    refuse_unknown_keys(cfg)
+    if OmegaConf.is_missing(cfg, "bundle") or not cfg.bundle:
+        raise ConfigError("bundle: must be set to a folder written by export format=animl (e.g. bundle=DIR)")
+    port = cfg.port
+    # uvicorn would fail deep in socket code (OverflowError, ValueError) after loading the model.
+    require(
+        isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536,
+        "port",
+        f"must be a whole number from 1 to 65535, got {port!r}",
+    )
+    require_extra("deploy", SERVE_MODULES)
     import uvicorn
 
     from animl_lightning.deploy.server import create_app
 
-    if OmegaConf.is_missing(cfg, "bundle") or not cfg.bundle:
-        raise ConfigError("bundle: must be set to a folder written by export format=animl (e.g. bundle=DIR)")
     app = create_app(str(cfg.bundle), threads=cfg.threads)
     uvicorn.run(
         app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.log_level), access_log=bool(cfg.access_log)

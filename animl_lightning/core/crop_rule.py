@@ -348,7 +348,12 @@ def box_in_pixels(box: Box | None, normalized: bool, width: int, height: int) ->
 
 
 def decode_for_boxes(
-    path: Path | str, boxes: Sequence[Box | None], normalized: bool, rule: CropRule, data: bytes | None = None
+    path: Path | str,
+    boxes: Sequence[Box | None],
+    normalized: bool,
+    rule: CropRule,
+    data: bytes | None = None,
+    max_pixels: int | None = None,
 ) -> DecodedImage:
     """Decode an image once for all its ``boxes``, at the DCT scale the crop rule allows for them (see
     :func:`decode_scale`): what the crops stage does, so inference sees the training crops' pixels.
@@ -361,7 +366,7 @@ def decode_for_boxes(
         width, height = full_size
         return decode_scale(full_size, [box_in_pixels(b, normalized, width, height) for b in boxes], rule)
 
-    return decode_image(path, reduction if rule.max_size is not None else None, data)
+    return decode_image(path, reduction if rule.max_size is not None else None, data, max_pixels)
 
 
 def model_input(

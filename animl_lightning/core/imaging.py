@@ -76,19 +76,32 @@ def rgbx(image: Image.Image) -> np.ndarray:
     return np.asarray(to_rgb(image).convert("RGBX"))
 
 
-def _open(source: Path | io.BytesIO, path: Path) -> Image.Image:
+def _open(source: Path | io.BytesIO, path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Open (header only); refuse more than ``max_pixels`` pixels (default: PIL's ``Image.MAX_IMAGE_PIXELS``)."""
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(source)
+            # The size is checked below against our limit; PIL still refuses twice its own on its own.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
     except FileNotFoundError as err:
         raise ImageLoadError("missing_image", f"{path}: file not found") from err
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError("decompression_bomb", f"{path}: {err}") from err
+    except Image.DecompressionBombError as err:
+        message = f"{path}: over the limit of {limit:,} pixels (refused as a possible decompression bomb): {err}"
+        raise ImageLoadError("decompression_bomb", message) from err
     except UnidentifiedImageError as err:
         raise ImageLoadError("not_an_image", f"{path}: not a readable image file") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError("unreadable_image", f"{path}: {err}") from err
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        image.close()
+        raise ImageLoadError(
+            "decompression_bomb",
+            f"{path}: {width}x{height} is {width * height:,} pixels, over the limit of {limit:,} "
+            "(refused as a possible decompression bomb)",
+        )
+    return image
 
 
 @contextmanager
@@ -233,7 +246,10 @@ def _decode_pil(image: Image.Image, path: Path, divisor: int, orientation: int) 
 
 
 def decode_image(
-    path: Path | str, reduction: Callable[[tuple[int, int]], int] | None = None, data: bytes | None = None
+    path: Path | str,
+    reduction: Callable[[tuple[int, int]], int] | None = None,
+    data: bytes | None = None,
+    max_pixels: int | None = None,
 ) -> DecodedImage:
     """Decode an image with its EXIF orientation applied.
 
@@ -246,6 +262,7 @@ def decode_image(
             only JPEGs honour it. Scaling happens before the orientation is applied, which is fine because the
             divisor is the same on both axes.
         data: the encoded image, when it does not come from a file (a request body).
+        max_pixels: the most pixels accepted; None: PIL's ``Image.MAX_IMAGE_PIXELS``.
 
     Raises:
         ImageLoadError: missing, not an image, truncated or corrupt, or over the decompression-bomb limit.
@@ -258,7 +275,7 @@ def decode_image(
             raise ImageLoadError("missing_image", f"{path}: file not found") from err
         except OSError as err:
             raise ImageLoadError("unreadable_image", f"{path}: {err}") from err
-    image = _open(io.BytesIO(data), path)
+    image = _open(io.BytesIO(data), path, max_pixels)
     try:
         orientation = _orientation(image)
         full_size = _displayed(image.size, orientation)

@@ -35,6 +35,10 @@ WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)  # Animl's default bbox, [ymin, xmin, ymax, x
 RESPONSE_DIGITS = 6
 
 Predict = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+# The most pixels a request image may have. Animl sends a photo of up to 2.8 MB as it is (a 12000x9000 camera photo,
+# 108 million pixels, of a plain scene can be that small) and resizes a larger one to 3,500 px wide: 150 million
+# leaves headroom over the former and still refuses the decompression bombs PIL's limit (89 million) is there for.
+MAX_REQUEST_PIXELS = 150_000_000
 
 
 class RequestError(AnimlError, ValueError):
@@ -132,8 +136,14 @@ def parse_request(body: bytes | bytearray | str | Mapping[str, Any]) -> AnimlReq
     if not isinstance(payload, dict):
         raise RequestError('the request body must be a JSON object {"image": ..., "bbox": ...}')
     encoded = payload.get("image")
-    if not isinstance(encoded, str) or not encoded:
+    if encoded is None:
         raise RequestError("field 'image' is missing: it must hold the base64 of the full image")
+    if not isinstance(encoded, str):
+        raise RequestError(
+            f"field 'image' must be a string (the base64 of the full image), got {type(encoded).__name__}"
+        )
+    if not encoded:
+        raise RequestError("field 'image' is empty: it must hold the base64 of the full image")
     try:
         image = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as err:
@@ -169,7 +179,9 @@ def request_probabilities(
         RequestError: the image cannot be decoded, or the box gives no crop (415 and 400).
     """
     try:
-        decoded = decode_for_boxes("request image", [request.box], True, crop_rule, data=request.image)
+        decoded = decode_for_boxes(
+            "request image", [request.box], True, crop_rule, data=request.image, max_pixels=MAX_REQUEST_PIXELS
+        )
     except AnimlError as err:
         raise RequestError(f"field 'image' is not a readable image: {err}", status=415) from err
     try:

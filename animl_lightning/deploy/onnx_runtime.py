@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, InputFileError
 from animl_lightning.core.machine import usable_cores
 
 
@@ -28,13 +28,18 @@ class OnnxClassifier:
             import onnxruntime
         except ImportError as err:
             raise ConfigError(
-                "ONNX Runtime is not installed: pip install -e '.[deploy]' (or use backend=torch)"
+                'ONNX Runtime is not installed: pip install "animl-lightning[export]" (or use backend=torch)'
             ) from err
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or usable_cores()
         options.inter_op_num_threads = 1
         source = model if isinstance(model, bytes) else str(model)
-        self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ONNX Runtime's own types (InvalidProtobuf, Fail, InvalidGraph, ...), not exported
+            what = "the ONNX model" if isinstance(model, bytes) else str(model)
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputFileError(f"{what}: ONNX Runtime cannot load it ({first_line}); export it again") from err
         self.input_name = input_name
 
     def __call__(self, images: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -210,20 +210,31 @@ def collect_boxes(
     image_has_box[position[has_box]] = True
     on_available = known & available[np.where(known, position, 0)]
     report.set_count(STAGE, "annotations_on_unavailable_images", int((known & ~on_available).sum()))
+    # The images stage names the image; each annotation it takes with it is named here, by its own id.
+    annotation_ids = annotations["annotation_id"].to_numpy(dtype=object)
+    file_names = images["file_name"].to_numpy(dtype=object)
+    for i in np.flatnonzero(known & ~on_available):
+        report.add(
+            STAGE,
+            "annotation_of_unavailable_image",
+            f"annotation skipped: its image {file_names[position[i]]} is not available (see the images stage)",
+            file=project.source,
+            record=str(annotation_ids[i]),
+            field="image_id",
+        )
 
     use_gt = has_box & on_available
     gt = _ground_truth(annotations.loc[use_gt], images, position[use_gt])
 
     no_box = known & ~has_box & on_available
     partial = no_box & image_has_box[np.where(known, position, 0)]
-    ids = annotations["annotation_id"].to_numpy(dtype=object)
     for i in np.flatnonzero(partial & (annotations["category"].to_numpy(dtype=object) != EMPTY_CATEGORY)):
         report.add(
             STAGE,
             "annotation_without_box",
             "annotation has no box but its image has boxed annotations; only those are cropped",
             file=project.source,
-            record=str(ids[i]),
+            record=str(annotation_ids[i]),
             field="bbox",
         )
     md = _detector_boxes(annotations.loc[no_box & ~partial], images, detections, settings, report)

@@ -107,9 +107,11 @@ def _plan(
     return planned
 
 
-def _crop_one_image(job: _ImageJob, strategy: str, max_size: int | None, quality: int) -> list[_Outcome]:
+def _crop_one_image(
+    job: _ImageJob, strategy: str, max_size: int | None, quality: int, redo: bool = False
+) -> list[_Outcome]:
     out: list[_Outcome] = []
-    if job.recorded_size is not None:
+    if job.recorded_size is not None and not redo:
         # Resume fast path: every crop already there with the size this box gives; the image is not opened.
         planned = _plan(job.crops, job.recorded_size, strategy, max_size, [])
         if len(planned) == len(job.crops) and all(crop_is_valid(Path(c.target), o) for c, _, o in planned):
@@ -138,7 +140,7 @@ def _crop_one_image(job: _ImageJob, strategy: str, max_size: int | None, quality
         for crop, window, size in _plan(crops, full_size, strategy, max_size, out):
             target = Path(crop.target)
             if target.exists():
-                if crop_is_valid(target, size):
+                if not redo and crop_is_valid(target, size):
                     out.append(_Outcome(crop.row, "skipped"))
                     continue
                 existed.add(crop.row)
@@ -161,12 +163,14 @@ def _crop_one_image(job: _ImageJob, strategy: str, max_size: int | None, quality
     return out
 
 
-def _crop_images(jobs: Sequence[_ImageJob], strategy: str, max_size: int | None, quality: int) -> list[_Outcome]:
+def _crop_images(
+    jobs: Sequence[_ImageJob], strategy: str, max_size: int | None, quality: int, redo: bool = False
+) -> list[_Outcome]:
     """Worker task: crop several images; one image's failure never stops the others."""
     outcomes: list[_Outcome] = []
     for job in jobs:
         try:
-            outcomes.extend(_crop_one_image(job, strategy, max_size, quality))
+            outcomes.extend(_crop_one_image(job, strategy, max_size, quality, redo))
         except Exception as err:  # a bug or an odd file must cost one image, not the run
             done = {o.row for o in outcomes}
             outcomes.extend(
@@ -203,7 +207,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 def _run_pool(
     chunks: list[list[_ImageJob]],
     workers: int,
-    params: tuple[str, int | None, int],
+    params: tuple[str, int | None, int, bool],
     record: Callable[[list[_Outcome]], None],
     progress: tqdm[Any],
 ) -> list[list[_ImageJob]]:
@@ -274,7 +278,12 @@ def _build_jobs(
 
 
 def make_crops(
-    boxes: pd.DataFrame, images_dir: Path, crops_dir: Path, settings: CropSettings, report: PrepareReport
+    boxes: pd.DataFrame,
+    images_dir: Path,
+    crops_dir: Path,
+    settings: CropSettings,
+    report: PrepareReport,
+    redo: bool = False,
 ) -> pd.DataFrame:
     """Write one JPEG per box to ``crops_dir / crop_path``; return ``boxes`` with a ``crop_ok`` column.
 
@@ -289,6 +298,7 @@ def make_crops(
         crops_dir: output folder.
         settings: strategy, max_size, workers, JPEG quality.
         report: receives the issues and the counts ``written``, ``redone``, ``skipped``, ``failed``.
+        redo: write every crop again, also those already there (they were cut with other settings).
     """
     images_dir, crops_dir = Path(images_dir), Path(crops_dir)
     crops_dir.mkdir(parents=True, exist_ok=True)
@@ -331,10 +341,10 @@ def make_crops(
         chunks = _chunks(jobs, workers)
         if workers == 1 or len(chunks) == 1:
             for chunk in chunks:
-                record(_crop_images(chunk, strategy, max_size, quality))
+                record(_crop_images(chunk, strategy, max_size, quality, redo))
                 progress.update(len(chunk))
         else:
-            params = (strategy, max_size, quality)
+            params = (strategy, max_size, quality, redo)
             lost = _run_pool(chunks, workers, params, record, progress)
             if lost:
                 # A worker died (killed for memory, or a decoder crashed on a hostile file) and took its pool's

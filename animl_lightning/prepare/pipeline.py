@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "images", "boxes", "crops", "labels", "dataset", "splits")
 STAGE_CROPS = "crops"
+# prepare_info.json: the crop settings the crops on disk were cut with (written when a crops stage finishes).
+CROPS_MADE_WITH_KEY = "crops_made_with"
 STAGE_FOLDERS = "folders"
 
 
@@ -148,17 +150,22 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         summary.warnings.extend(warnings)
     info = _load_info(output_dir) if not settings.force else {}
     previous = info.get("stages", {}) if info.get("version") == __version__ else {}
+    crop_settings = {
+        "strategy": settings.crops.strategy,
+        "max_size": settings.crops.max_size,
+        "quality": settings.crops.quality,
+    }
+    # What the crops on disk were cut with: recorded when a crops stage finishes (an interrupted redo keeps the old
+    # record, so it is redone whole again); an older prepare_info.json has only the settings of its last run.
+    crops_made_with = info.get(CROPS_MADE_WITH_KEY) or info.get("crops")
     info = {
         "version": __version__,
         "dataset": dataset,
         "coco_file": str(coco_file),
         "images_dir": str(images_dir),
         "detections_file": settings.detections_file,
-        "crops": {
-            "strategy": settings.crops.strategy,
-            "max_size": settings.crops.max_size,
-            "quality": settings.crops.quality,
-        },
+        "crops": crop_settings,
+        CROPS_MADE_WITH_KEY: crops_made_with,
         "settings": dataclasses.asdict(settings),
         "stages": dict(previous),
     }
@@ -245,14 +252,27 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
             str(images_dir),
             dataclasses.asdict(settings.crops) | {"workers": None},
         )
-        if previous.get("crops") == crops_fp and _crops_intact(crops_dir, boxes["crop_path"], report):
+        changed = _changed_crop_settings(crops_made_with, crop_settings) if crops_dir.is_dir() else []
+        if changed:
+            log.warning("crop settings changed (%s): making every crop again", ", ".join(changed))
+            report.add(
+                STAGE_CROPS,
+                "crop_settings_changed",
+                f"every crop is made again: {', '.join(changed)}",
+                field="crops",
+                action="redone",
+            )
+        if not changed and previous.get("crops") == crops_fp and _crops_intact(crops_dir, boxes["crop_path"], report):
             boxes = boxes.assign(crop_ok=True)
             result.status = "skipped (current)"
         else:
-            boxes = make_crops(boxes, images_dir, crops_dir, settings.crops, report)
+            # force=true, or other crop settings: crops already there were cut otherwise and are written again.
+            redo = settings.force or bool(changed)
+            boxes = make_crops(boxes, images_dir, crops_dir, settings.crops, report, redo=redo)
         result.detail = f"{int(boxes['crop_ok'].sum())}/{len(boxes)} crops"
         if bool(boxes["crop_ok"].all()):
             # Only a complete crop stage may be skipped next time; failures are retried on every run.
+            info[CROPS_MADE_WITH_KEY] = crop_settings
             finish("crops", crops_fp)
 
     with stage("labels") as result:
@@ -371,6 +391,13 @@ def _file_digest(path: Path) -> str:
 def _frame_digest(frame: pd.DataFrame, columns: list[str]) -> str:
     hashed = pd.util.hash_pandas_object(frame[columns], index=False)
     return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()
+
+
+def _changed_crop_settings(before: Any, now: dict[str, Any]) -> list[str]:
+    """``crops.<key>: <old> -> <new>`` for each crop setting the crops on disk were not cut with."""
+    if not isinstance(before, dict):
+        return []
+    return [f"crops.{key}: {before.get(key)} -> {value}" for key, value in now.items() if before.get(key) != value]
 
 
 def _fingerprint(*parts: object) -> str:

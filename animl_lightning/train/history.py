@@ -3,7 +3,9 @@
 The report's training curves come from this file, so they exist with ``logger=wandb``, ``tensorboard`` or ``none``
 as well as with the CSV logger. A row is complete only once the epoch's train metrics are logged, which happens
 after its validation; so the row of epoch ``e`` is taken when epoch ``e + 1`` starts, and the last one when the fit
-ends. The rows travel in the checkpoint (the callback's state), so a resumed run continues the same history.
+ends. The rows travel in the checkpoint (the callback's state), so a resumed run continues the same history; the
+checkpoint of epoch ``e`` is saved before epoch ``e + 1`` starts, so its state also holds the row of epoch ``e``
+(a resumed run starts with no logged metrics and could not take that row any more).
 """
 
 from __future__ import annotations
@@ -37,27 +39,39 @@ class EpochHistory(Callback):
         self._path = Path(dirpath) / HISTORY_FILENAME
         self._rows: list[dict[str, float]] = []
         self._lr: float = math.nan
+        self._trainer: Trainer | None = None
 
     @property
     def rows(self) -> list[dict[str, float]]:
         """The recorded epochs."""
         return list(self._rows)
 
-    def _record(self, trainer: Trainer, epoch: int) -> None:
+    def _row(self, trainer: Trainer, epoch: int) -> dict[str, float] | None:
+        """The row of ``epoch`` from the metrics logged so far; None during the sanity check, without metrics, or
+        when the epoch already has its row."""
         if trainer.sanity_checking or any(row["epoch"] == epoch for row in self._rows):
-            return
+            return None
         values = {
             name: float(value)
             for name, value in trainer.callback_metrics.items()
             if name.startswith(("train/", "val/")) and "batch" not in name and getattr(value, "numel", lambda: 1)() == 1
         }
-        if not values:
+        return {"epoch": float(epoch), "lr": self._lr, **values} if values else None
+
+    def _record(self, trainer: Trainer, epoch: int) -> None:
+        row = self._row(trainer, epoch)
+        if row is None:
             return
-        self._rows.append({"epoch": float(epoch), "lr": self._lr, **values})
+        self._rows.append(row)
         if trainer.is_global_zero:
             frame = pd.DataFrame(self._rows)
             with atomic_write(self._path, "w") as handle:
                 frame.to_csv(handle, index=False, lineterminator="\n", float_format="%.6g")
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # state_dict() takes no trainer, and a checkpoint needs the row of the epoch it is saved at.
+        self._trainer = trainer
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -72,7 +86,12 @@ class EpochHistory(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": [dict(row) for row in self._rows]}
+        rows = [dict(row) for row in self._rows]
+        trainer = self._trainer
+        # Checkpoints are saved at the end of an epoch, after its metrics are logged and before its row is taken.
+        if trainer is not None and trainer.training and (row := self._row(trainer, trainer.current_epoch)):
+            rows.append(row)
+        return {"rows": rows}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -40,6 +40,7 @@ from animl_lightning.core.files import atomic_write_text
 from animl_lightning.core.taxonomy import RANKS
 from animl_lightning.train.checkpointing import read_checkpoint
 from animl_lightning.train.history import HISTORY_FILENAME
+from animl_lightning.train.sweeps import read_run_results
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +206,19 @@ def _versions() -> dict[str, str]:
 
 
 def _dataset_section(data_dir: Path | None, settings: ReportSettings) -> dict[str, Any]:
-    section: dict[str, Any] = {"tables": [], "warnings": [], "skipped": None, "path": str(data_dir or "")}
-    if data_dir is None or not data_dir.is_dir():
-        section["warnings"].append(f"the prepared dataset {data_dir} is not here; its section is left out")
+    section: dict[str, Any] = {
+        "tables": [],
+        "warnings": [],
+        "skipped": None,
+        "path": str(data_dir or "unknown"),
+        "totals": None,
+        "few_locations": [],
+    }
+    if data_dir is None:
+        section["warnings"].append("the run does not say which prepared dataset it used; its section is left out")
+        return section
+    if not data_dir.is_dir():
+        section["warnings"].append(f"the prepared dataset {data_dir} is not here (moved?); its section is left out")
         return section
     try:
         prepared = load_prepared_dataset(data_dir, check_files=False)
@@ -289,14 +300,19 @@ def build_report(run_dir: str | Path, settings: ReportSettings | None = None) ->
     metrics = run / "metrics"
     if not (metrics / "per_label.csv").is_file():
         raise ReportError(f"run_dir: {run} has no metrics/per_label.csv; give the folder of a finished train.py run")
+    results = read_run_results(run) or {}
+    # The run's own best.ckpt, else the checkpoint it evaluated (train=false; null when it had no best checkpoint).
     checkpoint_file = run / "checkpoints" / "best.ckpt"
+    if not checkpoint_file.is_file() and results.get("checkpoint"):
+        checkpoint_file = Path(str(results["checkpoint"]))
     card: dict[str, Any] = {"versions": _versions(), "limits": []}
     labels: list[str] = []
-    data_dir: Path | None = None
+    data_dir: Path | None = Path(str(results["data_dir"])) if results.get("data_dir") else None
     if checkpoint_file.is_file():
         contents = read_checkpoint(checkpoint_file)
         labels = contents.class_names
-        data_dir = Path(str(contents.hparams.get("data_dir"))) if contents.hparams.get("data_dir") else None
+        if data_dir is None and contents.hparams.get("data_dir"):
+            data_dir = Path(str(contents.hparams["data_dir"]))
         calibration = contents.calibration or {}
         card.update(
             model=contents.model_name,
@@ -318,8 +334,10 @@ def build_report(run_dir: str | Path, settings: ReportSettings | None = None) ->
         card["config"] = config_file.read_text(encoding="utf-8")
         if data_dir is None:
             for line in card["config"].splitlines():
-                if line.startswith("data_dir:"):
-                    data_dir = Path(line.split(":", 1)[1].strip())
+                value = line.split(":", 1)[1].strip() if line.startswith("data_dir:") else ""
+                # The config is saved unresolved: ${paths.data_dir} is no folder name.
+                if value and "${" not in value:
+                    data_dir = Path(value)
     if overrides_file.is_file():
         overrides = yaml.safe_load(overrides_file.read_text(encoding="utf-8")) or []
         card["command"] = "python train.py " + " ".join(str(o) for o in overrides)
@@ -358,12 +376,11 @@ def build_report(run_dir: str | Path, settings: ReportSettings | None = None) ->
     history = _read_csv(run / HISTORY_FILENAME)
     if history is None:
         history = pd.DataFrame()
-    results_json = run / "results.json"
     context = {
         "title": f"animl-lightning run {run.name}",
         "run_dir": str(run.resolve()),
         "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "results": json.loads(results_json.read_text()) if results_json.is_file() else {},
+        "results": results,
         "card": card,
         "labels": labels,
         "dataset": dataset,

@@ -184,7 +184,8 @@ def fit_and_evaluate(
     value = monitored_value(settings.monitor, results, trainer)
     if trainer.is_global_zero and settings.output_dir is not None:
         # Read by the sweep summary (animl_lightning.hydra_callbacks): best val metric and the test metrics.
-        write_run_results(settings.output_dir, settings.monitor, value, results)
+        evaluated = eval_ckpt if settings.train else settings.ckpt_path
+        write_run_results(settings.output_dir, settings.monitor, value, results, datamodule.data_dir, evaluated)
         if tables is not None and settings.report is not None:
             write_report(trainer, settings.output_dir, settings.report)
     return value

@@ -37,13 +37,24 @@ RANK_VARIABLES: tuple[str, ...] = ("RANK", "SLURM_PROCID")
 
 
 def write_run_results(
-    output_dir: str | Path, monitor: str, monitor_value: float | None, metrics: Mapping[str, float]
+    output_dir: str | Path,
+    monitor: str,
+    monitor_value: float | None,
+    metrics: Mapping[str, float],
+    data_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> Path:
-    """Write ``<output_dir>/results.json``: ``monitor``, ``monitor_value`` (null when unknown) and ``metrics``."""
+    """Write ``<output_dir>/results.json``: ``monitor``, ``monitor_value`` (null when unknown) and ``metrics``.
+
+    ``data_dir`` and ``checkpoint`` (the dataset and the checkpoint evaluated, null when the final weights were)
+    tell ``report.html`` what the run used, also when the run folder holds no checkpoint (``train=false``).
+    """
     payload = {
         "monitor": str(monitor),
         "monitor_value": _finite_or_none(monitor_value),
         "metrics": {str(k): _finite_or_none(v) for k, v in sorted(metrics.items())},
+        "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
     }
     path = Path(output_dir) / RESULTS_FILENAME
     atomic_write_json(path, payload)

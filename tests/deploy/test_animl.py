@@ -23,7 +23,14 @@ import pytest
 import torch
 from PIL import Image
 
-from animl_lightning.core.serving import RequestError, ServingBundle, parse_request
+from animl_lightning.core.crop_rule import CropRule, EvalTransform
+from animl_lightning.core.serving import (
+    MAX_REQUEST_PIXELS,
+    RequestError,
+    ServingBundle,
+    answer_request,
+    parse_request,
+)
 from animl_lightning.deploy.animl_bundle import torchserve_config
 from animl_lightning.deploy.classify import ClassifySettings, classify_detections
 from animl_lightning.deploy.inference import load_classifier
@@ -315,6 +322,45 @@ def test_parse_request_turns_animl_boxes_into_megadetector_boxes() -> None:
     assert parse_request(animl_request(b"jpeg bytes")).box == (0.0, 0.0, 1.0, 1.0)
     with pytest.raises(RequestError, match="ymin < ymax"):
         parse_request(animl_request(b"jpeg bytes", [0.5, 0.2, 0.5, 0.9]))
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"bbox": [0, 0, 1, 1]}, "field 'image' is missing"),
+        ({"image": 12345}, "field 'image' must be a string (the base64 of the full image), got int"),
+        ({"image": ["aGk="]}, "field 'image' must be a string (the base64 of the full image), got list"),
+        ({"image": ""}, "field 'image' is empty"),
+    ],
+)
+def test_a_request_image_that_is_not_base64_text_is_named_for_what_it_is(
+    payload: dict[str, object], message: str
+) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_request(payload)
+    assert str(caught.value).startswith(message)
+
+
+def _uniform_probabilities(inputs: np.ndarray) -> np.ndarray:
+    """A stand-in for the model: the request path up to it is the subject here."""
+    return np.full((len(inputs), len(CLASS_NAMES)), 1 / len(CLASS_NAMES), dtype=np.float32)
+
+
+def test_a_large_camera_photo_is_answered_and_the_pixel_limit_is_named() -> None:
+    transform = EvalTransform.from_config({"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.25] * 3})
+    # A 12000x9000 photo (108 million pixels): Animl sends it as it is when it is at most 2.8 MB, as this one is.
+    photo = io.BytesIO()
+    Image.new("L", (12000, 9000), 90).save(photo, format="JPEG", quality=80)
+    assert photo.tell() <= 2_800_000
+    body = animl_request(photo.getvalue(), [0.2, 0.3, 0.6, 0.7])
+    assert list(answer_request(body, _uniform_probabilities, CLASS_NAMES, transform, CropRule())) == CLASS_NAMES
+    # Past the limit a request is refused, saying the limit (read from the header: nothing is decoded).
+    over = io.BytesIO()
+    Image.new("1", (13000, 12000)).save(over, format="PNG")
+    with pytest.raises(RequestError) as caught:
+        answer_request(animl_request(over.getvalue()), _uniform_probabilities, CLASS_NAMES, transform, CropRule())
+    assert caught.value.status == 415
+    assert f"13000x12000 is 156,000,000 pixels, over the limit of {MAX_REQUEST_PIXELS:,}" in str(caught.value)
 
 
 def test_serve_command_serves_a_bundle_and_refuses_a_folder_that_is_not_one(

@@ -164,7 +164,7 @@ def test_folder_and_time_rule_without_sequence_information(
     ("extra", "message"),
     [
         (["classify.smoothing=video"], "classify.smoothing: must be one of ['none', 'image', 'sequence']"),
-        (["+smoothing.min_count=3", "classify.smoothing=image"], "unknown option(s) ['min_count']"),
+        (["+smoothing.min_count=3", "classify.smoothing=image"], "smoothing.min_count: unknown key; smoothing has"),
         (["classify.smoothing=sequence", "classify.sequence_file=DIR/missing.json"], "missing.json does not exist"),
     ],
 )

@@ -193,6 +193,7 @@ def test_what_gives_no_boxes_is_reported(tmp_path: Path) -> None:
         ("detector_failure", "fail", "file"),
         ("not_in_detections", "absent", "file"),
         ("annotation_without_box", "7", "bbox"),
+        ("annotation_of_unavailable_image", "8", "image_id"),  # listed by the annotation, not only its image
     }
     assert report.counts["boxes"]["empty_images_without_box"] == 1
     assert report.counts["boxes"]["annotations_on_unavailable_images"] == 1

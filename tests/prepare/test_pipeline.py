@@ -93,6 +93,28 @@ def test_changed_split_settings_rerun_only_the_split(tmp_path: Path) -> None:
     assert load_prepared_dataset(out).split_frame("test").empty
 
 
+def test_changed_crop_settings_make_every_crop_again(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    _run(f"output_dir={out}", "crops.workers=1", *SMALL_DEMO)
+    before = {path: path.read_bytes() for path in (out / "crops").rglob("*.jpg")}
+
+    again = _run(f"output_dir={out}", "crops.workers=1", "crops.quality=50", *SMALL_DEMO)
+    assert {s.name: s.status for s in again.stages}["crops"] == "ran"
+    counts = again.report.counts["crops"]
+    assert (counts["redone"], counts["skipped"]) == (len(before), 0)
+    assert [i.message for i in again.report.issues_of("crops", "crop_settings_changed")] == [
+        "every crop is made again: crops.quality: 90 -> 50"
+    ]
+    after = {path: path.read_bytes() for path in before}
+    assert all(after[path] != before[path] for path in before)
+    assert sum(map(len, after.values())) < sum(map(len, before.values()))  # quality 50 is smaller
+    info = json.loads((out / INFO_FILENAME).read_text())
+    assert info["crops_made_with"]["quality"] == 50
+
+    third = _run(f"output_dir={out}", "crops.workers=1", "crops.quality=50", *SMALL_DEMO)
+    assert {s.name: s.status for s in third.stages}["crops"].startswith("skipped")
+
+
 def test_same_seed_gives_byte_identical_outputs(tmp_path: Path) -> None:
     _run(f"output_dir={tmp_path / 'a'}", "crops.workers=1", *SMALL_DEMO)
     _run(f"output_dir={tmp_path / 'b'}", "crops.workers=2", *SMALL_DEMO)

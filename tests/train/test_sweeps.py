@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,11 +16,12 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from animl_lightning import cli
 from animl_lightning.hydra_callbacks import SweepSummary
@@ -159,7 +161,13 @@ def test_empty_summary_has_the_columns() -> None:
 def test_run_results_round_trip(tmp_path: Path) -> None:
     write_run_results(tmp_path, "val/loss", float("nan"), {"test/loss": 0.5, "val/loss": float("inf")})
     payload = read_run_results(tmp_path)
-    assert payload == {"monitor": "val/loss", "monitor_value": None, "metrics": {"test/loss": 0.5, "val/loss": None}}
+    assert payload == {
+        "monitor": "val/loss",
+        "monitor_value": None,
+        "metrics": {"test/loss": 0.5, "val/loss": None},
+        "data_dir": None,
+        "checkpoint": None,
+    }
     assert read_run_results(tmp_path / "missing") is None
     (tmp_path / "results.json").write_text("[1, 2")
     assert read_run_results(tmp_path) is None
@@ -200,6 +208,34 @@ def test_sweep_summary_callback_writes_rank_zero_multirun_rows_only(
     callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     frame = pd.read_csv(tmp_path / SUMMARY_FILENAME)
     assert list(frame["job"]) == [4] and frame.loc[0, "run_dir"] == str(tmp_path / "4")
+
+
+def test_the_summary_is_rebuilt_after_each_job_in_the_default_sweep_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Hydra's run_job calls the callback: with the job's config, and a JobReturn holding a copy of the hydra node
+    alone, in which the default sweep.dir (outputs/${task_name}/multirun/...) does not resolve by itself."""
+    for name in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    callback = SweepSummary()
+    sweep = compose_config(["hydra.mode=MULTIRUN"])
+    sweep_dir = Path(str(sweep.hydra.sweep.dir))
+    assert sweep_dir.parts[:3] == ("outputs", "train", "multirun")  # the default, not a test's literal folder
+    for num, lr in enumerate(("0.1", "0.2")):
+        config = compose_config(["hydra.mode=MULTIRUN", f"optimizer.lr={lr}"])
+        OmegaConf.copy_cache(from_config=sweep, to_config=config)  # as Hydra's launcher does: the same ${now:...}
+        with read_write(config.hydra):
+            config.hydra.job.num = num
+            config.hydra.runtime.output_dir = str(tmp_path / sweep_dir / str(num))
+        HydraConfig.instance().set_config(config)
+        job = JobReturn(overrides=[f"optimizer.lr={lr}"], hydra_cfg=copy.deepcopy(HydraConfig.instance().cfg))
+        job.status = JobStatus.COMPLETED
+        write_run_results(config.hydra.runtime.output_dir, "val/balanced_accuracy", 0.5 + num, {})
+        callback.on_job_end(config, job)
+        summary = pd.read_csv(sweep_dir / SUMMARY_FILENAME)
+        assert summary["job"].tolist() == list(range(num + 1))  # this job's row is there before the sweep ends
+        assert summary["best_val"].tolist() == [0.5 + n for n in range(num + 1)]
 
 
 # ---------------------------------------------------------------- wandb identity and DDP children (fast)

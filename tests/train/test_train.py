@@ -164,6 +164,12 @@ def test_resume_from_last_checkpoint(fitted: tuple[Path, float | None], data_dir
     trained_epochs = set(logged.dropna(subset=["train/loss"])["epoch"].astype(int))
     assert 0 not in trained_epochs and 2 in trained_epochs
     assert (tmp_path / "metrics" / "per_label.csv").is_file()
+    # The resumed run's history has the epoch it resumed from (its row travels in last.ckpt), and every other.
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert history.loc[history["epoch"] == 1, "val/loss"].notna().all()
+    first = pd.read_csv(output / "history.csv").set_index("epoch")
+    pd.testing.assert_frame_equal(history.set_index("epoch").loc[[0, 1], first.columns], first)
 
 
 def test_same_seed_gives_the_same_run(fitted: tuple[Path, float | None], data_dir: Path, tmp_path: Path) -> None:
@@ -184,6 +190,22 @@ def test_empty_test_split_skips_the_test_rows(tmp_path: Path) -> None:
     assert set(per_label["split"]) == {"train", "val"}
     assert list(pd.read_csv(output / "metrics" / "overall.csv")["split"]) == ["train"] * 3 + ["val"] * 3
     assert not (output / "metrics" / "predictions_test.csv").exists()
+
+
+def test_a_run_without_epochs_and_a_moved_dataset_get_a_report(tmp_path: Path) -> None:
+    from animl_lightning.train.report import build_report
+
+    data = make_prepared_dataset(tmp_path / "data", per_label=4, size=32)
+    output = tmp_path / "run"
+    run_train(data, output, "data.image_size=32", "trainer.max_epochs=0")
+    page = (output / "report.html").read_text(encoding="utf-8")
+    assert f"{data.resolve()} ({len(pd.read_csv(data / 'classification_ds.csv'))} crops," in page
+    assert "No per-epoch history" in page
+    data.rename(tmp_path / "moved")
+    build_report(output)
+    page = (output / "report.html").read_text(encoding="utf-8")
+    assert f"the prepared dataset {data.resolve()} is not here (moved?)" in page
+    assert 'data-table="per label, crop level"' in page  # the run's own tables are still there
 
 
 def test_wandb_offline_gets_the_tables(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,6 +313,10 @@ def test_evaluating_a_checkpoint_finds_its_dataset_by_itself(
     assert cfg.data_dir == "data/demo"
     train_script.train(cfg)
     assert pd.read_csv(tmp_path / "metrics" / "per_label.csv").equals(pd.read_csv(output / "metrics" / "per_label.csv"))
+    # Its report.html has what is known: the evaluated checkpoint's model and the dataset it was evaluated on.
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    crops = len(pd.read_csv(data_dir / "classification_ds.csv"))
+    assert f"{data_dir.resolve()} ({crops} crops," in page and "test_efficientnet" in page
 
 
 @pytest.mark.parametrize("level", ["image", "sequence"])
