@@ -17,6 +17,7 @@ from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.smoothing import SmoothingOptions
 from animl_lightning.deploy.classify import ClassifySettings, ClassifySummary, run_classify
+from animl_lightning.deploy.quantize import Int8Settings
 
 
 def _required(cfg: DictConfig, key: str) -> Any:
@@ -33,6 +34,8 @@ def classify(cfg: DictConfig) -> ClassifySummary:
         category=str(cfg.detections.category),
         resume=bool(cfg.resume),
         backend=str(cfg.backend),
+        precision=str(cfg.precision),
+        int8=Int8Settings(**OmegaConf.to_container(cfg.int8, resolve=True)),  # type: ignore[arg-type]
         smoothing_options=SmoothingOptions.from_mapping(
             OmegaConf.to_container(cfg.smoothing, resolve=True)  # type: ignore[arg-type]
         ),

@@ -1,12 +1,16 @@
-"""``python -m animl_lightning.export checkpoint=CKPT format=onnx|torchscript|animl output=PATH``.
+"""``python -m animl_lightning.export checkpoint=CKPT format=onnx|torchscript|animl output=PATH [precision=int8]``.
 
 Settings: ``configs/export.yaml``. The Hydra edge only: the work is
 :func:`animl_lightning.deploy.export.export_checkpoint` (one model file and its sidecar) or
 :func:`animl_lightning.deploy.animl_bundle.export_animl` (the folder Animl's endpoints need); bad inputs end the run
-with one line (exit status 2), never a traceback.
+with one line (exit status 2), never a traceback. With ``precision=int8`` the output ends with the int8 model's
+top-1 agreement with fp32 and each label's recall change on val; below ``int8.min_agreement`` nothing is written and
+the one line says so.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +26,21 @@ FORMAT_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def int8_table(report: dict[str, Any]) -> str:
+    """The agreement line and one row per label: val crops, recall with fp32 and int8, and the change."""
+    from animl_lightning.deploy.quantize import describe
+
+    width = max(len("label"), *(len(label) for label in report["recall"]))
+    lines = [f"int8: {describe(report)}", f"{'label':<{width}}  {'val crops':>9}  {'fp32':>6}  {'int8':>6}  change"]
+    for label, row in report["recall"].items():
+        if row["change"] is None:
+            lines.append(f"{label:<{width}}  {0:>9}  {'-':>6}  {'-':>6}  -")
+            continue
+        recall = f"{row['fp32']:>6.4f}  {row['int8']:>6.4f}  {row['change']:+.4f}"
+        lines.append(f"{label:<{width}}  {row['support']:>9}  {recall}")
+    return "\n".join(lines)
+
+
 def export(cfg: DictConfig) -> None:
     """Export the configured checkpoint and say where it went."""
     refuse_unknown_keys(cfg)
@@ -31,6 +50,13 @@ def export(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: must be set (e.g. {key}=PATH on the command line)")
     extra, modules = FORMAT_EXTRAS[str(cfg.format)]
     require_extra(extra, modules)
+    from animl_lightning.deploy.onnx_cache import OnnxCache, resolve_cache_dir
+    from animl_lightning.deploy.quantize import Int8Settings
+
+    precision = str(cfg.precision)
+    int8 = Int8Settings(**OmegaConf.to_container(cfg.int8, resolve=True))  # type: ignore[arg-type]
+    folder = resolve_cache_dir(cfg.cache_dir)
+    cache = None if folder is None else OnnxCache(folder)
     if cfg.format == "animl":
         from animl_lightning.deploy.animl_bundle import export_animl
 
@@ -41,14 +67,22 @@ def export(cfg: DictConfig) -> None:
             version=str(cfg.animl.version),
             description=str(cfg.animl.description or ""),
             threshold=float(cfg.animl.default_threshold),
+            precision=precision,
+            int8=int8,
+            cache=cache,
         )
-        print(f"wrote {bundle.folder} (TorchServe archive {bundle.mar_file.name}, ONNX server, mlmodel.json)")
+        if bundle.int8_report is not None:
+            print(int8_table(bundle.int8_report))
+        models = "ONNX server with fp32 and int8 models" if bundle.int8_report is not None else "ONNX server"
+        print(f"wrote {bundle.folder} (TorchServe archive {bundle.mar_file.name}, {models}, mlmodel.json)")
         return
     from animl_lightning.deploy.export import export_checkpoint
 
-    result = export_checkpoint(str(cfg.checkpoint), str(cfg.format), str(cfg.output))
+    result = export_checkpoint(str(cfg.checkpoint), str(cfg.format), str(cfg.output), precision, int8, cache)
+    if result.int8_report is not None:
+        print(int8_table(result.int8_report))
     size = "dynamic batch and input size" if result.dynamic_size else "dynamic batch, fixed input size"
-    print(f"wrote {result.model_file} ({result.format}, {size}) and {result.sidecar_file}")
+    print(f"wrote {result.model_file} ({result.format} {result.precision}, {size}) and {result.sidecar_file}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")

@@ -12,10 +12,14 @@ left untouched, as are the current folder and the folders above it:
   TorchServe image, pinning the torch version the export was made with);
 - ``model.onnx``, ``bundle.json`` and ``serving/`` with ``Dockerfile.onnx``: the FastAPI + ONNX Runtime server
   (:mod:`animl_lightning.deploy.server`), ``/ping`` and ``/invocations`` on port 8080 as SageMaker expects;
+- with ``precision=int8``: ``model.int8.onnx`` too (:mod:`animl_lightning.deploy.quantize`, made and checked
+  before anything is written), named in ``bundle.json`` (``onnx_int8_file``, and its ``int8`` report), which the
+  ONNX server serves when asked (``ANIML_PRECISION=int8``, the default of that bundle's ``Dockerfile.onnx``);
 - ``mlmodel.json``: the ``MLModel`` record (``_id``, ``version``, ``description``, ``defaultConfThreshold``,
   ``categories`` with ``_id`` = ``name`` = label, a colour each, per-label thresholds when the checkpoint has them,
-  ``expectsCrops: true``);
-- ``sample_request.json`` and the ``sample_response.json`` this export's ONNX model gives for it;
+  ``expectsCrops: true``; with int8 also ``int8``: top-1 agreement with fp32 and each label's recall change on val);
+- ``sample_request.json`` and the ``sample_response.json`` this export's ONNX model gives for it (with int8 also
+  ``sample_response_int8.json``, the int8 model's);
 - ``README.md``: how to register the model in Animl;
 - ``bundle_files.json``: every other file above, written last; it is how a later export recognises its own bundle.
 """
@@ -52,9 +56,19 @@ from animl_lightning.core.files import (
     read_json_file,
 )
 from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, answer_request
-from animl_lightning.deploy.export import INPUT_NAME, ExportError, onnx_bytes, torchscript_bytes
+from animl_lightning.deploy.export import (
+    INPUT_NAME,
+    PRECISIONS,
+    ExportError,
+    cached_onnx,
+    loadable_onnx,
+    onnx_identity,
+    torchscript_bytes,
+)
 from animl_lightning.deploy.inference import LoadedClassifier
+from animl_lightning.deploy.onnx_cache import OnnxCache
 from animl_lightning.deploy.onnx_runtime import OnnxClassifier
+from animl_lightning.deploy.quantize import Int8Settings, build_int8
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +89,9 @@ DEFAULT_THRESHOLD = 0.5
 TORCHSERVE_VERSION = "0.12.0"
 SAMPLE_BBOX = [0.2, 0.25, 0.7, 0.8]  # [ymin, xmin, ymax, xmax], as Animl sends it
 MANIFEST_FILENAME = "bundle_files.json"
+INT8_FILENAME = "model.int8.onnx"
+# The environment variable that makes the ONNX server serve the int8 model (server.PRECISION_VARIABLE).
+PRECISION_VARIABLE = "ANIML_PRECISION"
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,8 @@ class AnimlBundle:
     folder: Path
     mar_file: Path
     model_id: str
+    # precision=int8: the agreement report of model.int8.onnx.
+    int8_report: dict[str, Any] | None = None
 
 
 def model_id_of(loaded: LoadedClassifier) -> str:
@@ -130,8 +149,9 @@ def _thresholds(loaded: LoadedClassifier) -> dict[str, float]:
     return {str(k): float(v) for k, v in per_label.items() if v is not None}
 
 
-def bundle_description(loaded: LoadedClassifier) -> dict[str, Any]:
+def bundle_description(loaded: LoadedClassifier, int8_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """``bundle.json``: what the server and the handler read (labels, preprocessing, crop rule, files)."""
+    int8 = {} if int8_report is None else {"onnx_int8_file": INT8_FILENAME, "int8": int8_report}
     return {
         "bundle_format": BUNDLE_FORMAT,
         "model_name": loaded.model_name,
@@ -146,7 +166,7 @@ def bundle_description(loaded: LoadedClassifier) -> dict[str, Any]:
         "checkpoint": loaded.checkpoint_path.name,
         "checkpoint_sha256": loaded.checkpoint_sha256,
         "animl_lightning_version": __version__,
-    }
+    } | int8
 
 
 def sample_image() -> bytes:
@@ -322,24 +342,48 @@ def write_animl_bundle(
     version: str = "v1",
     description: str = "",
     threshold: float = DEFAULT_THRESHOLD,
+    precision: str = "fp32",
+    int8: Int8Settings | None = None,
+    cache: OnnxCache | None = None,
 ) -> AnimlBundle:
     """Write the bundle of the module docstring into ``output`` (a folder; see :func:`output_folder`).
+
+    ONNX models come from ``cache`` when it holds them (:mod:`animl_lightning.deploy.onnx_cache`). With
+    ``precision=int8`` the int8 model is made and checked before anything is written.
 
     Raises:
         ExportError: the model cannot be exported or archived.
         ConfigError: ``output`` cannot be replaced without losing files (:func:`output_folder`), or a setting is out
             of range.
+        QuantizationError: the int8 model cannot be made or is below ``int8.min_agreement``.
     """
     target = output_folder(output)
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold: must be in [0, 1], got {threshold}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
     model_id = model_id or model_id_of(loaded)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", model_id):
         raise ConfigError(f"model_id: {model_id!r} must be letters, digits, '-' and '_'")
+    onnx_model, _ = cached_onnx(loaded, cache, loadable_onnx)
+    quantized: tuple[bytes, dict[str, Any]] | None = None
+    if precision == "int8":
+        settings = int8 or Int8Settings()
+        _, int8_model, int8_report = build_int8(loaded, settings, lambda: onnx_model, onnx_identity(loaded), cache)
+        quantized = (int8_model, int8_report)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{TMP_MARKER}"))
     try:
-        _write_into(staging, loaded, model_id, version, description or _default_description(loaded), threshold)
+        _write_into(
+            staging,
+            loaded,
+            model_id,
+            version,
+            description or _default_description(loaded),
+            threshold,
+            onnx_model,
+            quantized,
+        )
         staging.chmod(0o755)
         if target.exists():
             # A unique name (staging's own is), so no earlier leftover is ever removed by mistake.
@@ -358,7 +402,12 @@ def write_animl_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return AnimlBundle(folder=target, mar_file=target / f"{model_id}.mar", model_id=model_id)
+    return AnimlBundle(
+        folder=target,
+        mar_file=target / f"{model_id}.mar",
+        model_id=model_id,
+        int8_report=None if quantized is None else quantized[1],
+    )
 
 
 def _default_description(loaded: LoadedClassifier) -> str:
@@ -369,16 +418,28 @@ def _default_description(loaded: LoadedClassifier) -> str:
 
 
 def _write_into(
-    staging: Path, loaded: LoadedClassifier, model_id: str, version: str, description: str, threshold: float
+    staging: Path,
+    loaded: LoadedClassifier,
+    model_id: str,
+    version: str,
+    description: str,
+    threshold: float,
+    onnx_model: bytes,
+    quantized: tuple[bytes, dict[str, Any]] | None,
 ) -> None:
-    onnx_model, _ = onnx_bytes(loaded)
+    report = None if quantized is None else quantized[1]
     scripted, _ = torchscript_bytes(loaded)
     atomic_write_bytes(staging / "model.onnx", onnx_model)
+    if quantized is not None:
+        atomic_write_bytes(staging / INT8_FILENAME, quantized[0])
     atomic_write_bytes(staging / "model.pt", scripted)
-    atomic_write_json(staging / BUNDLE_FILENAME, bundle_description(loaded))
+    atomic_write_json(staging / BUNDLE_FILENAME, bundle_description(loaded, report))
     atomic_write_json(staging / "index_to_name.json", {str(i): name for i, name in enumerate(loaded.class_names)})
     build_mar(staging, model_id, version)
-    atomic_write_json(staging / "mlmodel.json", mlmodel_record(loaded, model_id, version, description, threshold))
+    record = mlmodel_record(loaded, model_id, version, description, threshold)
+    if report is not None:
+        record["int8"] = report
+    atomic_write_json(staging / "mlmodel.json", record)
 
     serving = staging / "serving"
     _copy_sources(SERVER_SOURCES, serving)
@@ -387,7 +448,7 @@ def _write_into(
     atomic_write_text(staging / "requirements-torchserve.txt", _requirements(*packages))
     torch_version = torch.__version__.split("+")[0]
     atomic_write_text(staging / "Dockerfile", _torchserve_dockerfile(model_id, torch_version))
-    atomic_write_text(staging / "Dockerfile.onnx", _onnx_dockerfile())
+    atomic_write_text(staging / "Dockerfile.onnx", _onnx_dockerfile(int8=quantized is not None))
     atomic_write_text(staging / "config.properties", torchserve_config(model_id))
 
     image = sample_image()
@@ -396,7 +457,11 @@ def _write_into(
     response = answer_request(request, predict, loaded.class_names, loaded.transform, loaded.crop_rule)
     atomic_write_json(staging / "sample_request.json", request, indent=None)
     atomic_write_json(staging / "sample_response.json", response)
-    atomic_write_text(staging / "README.md", _readme(model_id, loaded, torch_version))
+    if quantized is not None:
+        predict_int8 = OnnxClassifier(quantized[0], INPUT_NAME)
+        response_int8 = answer_request(request, predict_int8, loaded.class_names, loaded.transform, loaded.crop_rule)
+        atomic_write_json(staging / "sample_response_int8.json", response_int8)
+    atomic_write_text(staging / "README.md", _readme(model_id, loaded, torch_version, report))
     atomic_write_json(staging / MANIFEST_FILENAME, bundle_manifest(staging))
 
 
@@ -440,22 +505,54 @@ CMD ["torchserve", "--start", "--foreground", "--ts-config", "/home/model-server
 """
 
 
-def _onnx_dockerfile() -> str:
-    return """# The FastAPI + ONNX Runtime server of this folder (no torch in the image): /ping, /invocations on 8080.
+def _onnx_dockerfile(int8: bool = False) -> str:
+    models = f"model.onnx {INT8_FILENAME}" if int8 else "model.onnx"
+    # An int8 export was asked for to be served: its image serves it unless run with -e ANIML_PRECISION=fp32.
+    precision = (
+        f"# int8 by default (exported with precision=int8); docker run -e {PRECISION_VARIABLE}=fp32 serves model.onnx\n"
+        f"ENV {PRECISION_VARIABLE}=int8\n"
+        if int8
+        else ""
+    )
+    return f"""# The FastAPI + ONNX Runtime server of this folder (no torch in the image): /ping, /invocations on 8080.
 FROM python:3.11-slim
 COPY serving/requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt
 COPY serving/ /app/
-COPY model.onnx bundle.json /opt/ml/model/
+COPY {models} bundle.json /opt/ml/model/
 WORKDIR /app
 ENV ANIML_BUNDLE=/opt/ml/model
-EXPOSE 8080
+{precision}EXPOSE 8080
 CMD ["python", "-m", "uvicorn", "animl_lightning.deploy.server:app_from_environment", "--factory", \\
      "--host", "0.0.0.0", "--port", "8080"]
 """
 
 
-def _readme(model_id: str, loaded: LoadedClassifier, torch_version: str) -> str:
+def _int8_section(report: dict[str, Any] | None) -> str:
+    if report is None:
+        return ""
+    rows = "\n".join(
+        f"| {label} | {row['support']} | {row['fp32']} | {row['int8']} | {row['change']} |"
+        for label, row in report["recall"].items()
+    )
+    return f"""
+## int8
+
+`{INT8_FILENAME}` is the int8 model (ONNX Runtime static quantization, calibrated on
+{report["calibration_crops"]} crops of the val split). On {report["check_crops"]} val crops its top-1 label is the
+float32 model's for {report["top1_agreement"]:.2%} of them (floor {report["min_agreement"]}); recall per label:
+
+| label | val crops | fp32 | int8 | change |
+|---|---|---|---|---|
+{rows}
+
+`Dockerfile.onnx` serves it ({PRECISION_VARIABLE}=int8); `docker run -e {PRECISION_VARIABLE}=fp32 ...` or
+`ANIML_PRECISION=fp32 python -m animl_lightning.serve bundle=.` serves `model.onnx` instead. It answers
+`sample_request.json` with `sample_response_int8.json`.
+"""
+
+
+def _readme(model_id: str, loaded: LoadedClassifier, torch_version: str, report: dict[str, Any] | None = None) -> str:
     labels = ", ".join(loaded.class_names)
     return f"""# {model_id}: a species classifier for Animl
 
@@ -488,7 +585,7 @@ Both answer `GET /ping` and `POST /invocations` on port 8080, the SageMaker cont
    where present, were chosen on the validation split for the target precision) and `expectsCrops: true`.
 3. Point Animl's configuration for this model at the endpoint's name, add the call to its inference code and an
    automation rule (e.g. "run on MegaDetector's animal labels"), as for Animl's other classifiers.
-"""
+{_int8_section(report)}"""
 
 
 def export_animl(
@@ -498,6 +595,9 @@ def export_animl(
     version: str = "v1",
     description: str = "",
     threshold: float = DEFAULT_THRESHOLD,
+    precision: str = "fp32",
+    int8: Int8Settings | None = None,
+    cache: OnnxCache | None = None,
 ) -> AnimlBundle:
     """Load a checkpoint on the CPU and write its Animl bundle; see :func:`write_animl_bundle`."""
     from animl_lightning.deploy.inference import load_classifier
@@ -505,4 +605,4 @@ def export_animl(
     folder = output_folder(output)  # checked before the checkpoint is loaded, and again when it is replaced
     check_writable(folder.parent / f".{folder.name}.probe", "output")
     loaded = load_classifier(checkpoint, device="cpu")
-    return write_animl_bundle(loaded, folder, model_id, version, description, threshold)
+    return write_animl_bundle(loaded, folder, model_id, version, description, threshold, precision, int8, cache)

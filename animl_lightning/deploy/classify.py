@@ -70,7 +70,9 @@ from animl_lightning.deploy.inference import (
     load_classifier,
     top_k,
 )
+from animl_lightning.deploy.onnx_cache import AUTO, OnnxCache, resolve_cache_dir
 from animl_lightning.deploy.onnx_runtime import OnnxClassifier, onnxruntime_available
+from animl_lightning.deploy.quantize import PRECISIONS, Int8Settings
 from animl_lightning.deploy.smoothing import (
     BEFORE_SMOOTHING,
     ImageSequence,
@@ -89,6 +91,10 @@ FAILURE_PREFIX = "classification failed: "
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # A CCT or crops-folder input has no detector categories of its own; its boxes become this category.
 ANIMAL_CATEGORIES = {"1": "animal"}
+# backend=auto exports to ONNX (no cached model yet) only for jobs of at least this many crops, where the export
+# pays for itself. Measured on the 2-core CPU of benchmarks/bench_classify.py (efficientnet_b3, 288 px): the export
+# costs about as much as 450 crops' worth of ONNX Runtime's savings over PyTorch, so 1000 leaves a 2x margin.
+AUTO_EXPORT_MIN_CROPS = 1000
 
 
 class ClassifyInputError(AnimlError, ValueError):
@@ -113,9 +119,24 @@ class ClassifySettings:
     sequence_file: str | None = None
     max_gap_s: float = 3.0
     smoothing_options: SmoothingOptions = field(default_factory=SmoothingOptions)
+    precision: str = "fp32"
+    cache_dir: str | None = AUTO
+    auto_export_min_crops: int = AUTO_EXPORT_MIN_CROPS
+    int8: Int8Settings = field(default_factory=Int8Settings)
 
     def __post_init__(self) -> None:
         require(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
+        require(self.precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        require(
+            not (self.precision == "int8" and self.backend == "torch"),
+            "precision",
+            "int8 runs on ONNX Runtime: use backend=auto or backend=onnxruntime with precision=int8",
+        )
+        require(
+            self.auto_export_min_crops >= 0,
+            "classify.auto_export_min_crops",
+            f"must be >= 0, got {self.auto_export_min_crops}",
+        )
         levels = list(SMOOTHING_LEVELS)
         require(self.smoothing in levels, "classify.smoothing", f"must be one of {levels}, got {self.smoothing!r}")
         require(self.max_gap_s >= 0, "classify.max_gap_s", f"must be >= 0, got {self.max_gap_s}")
@@ -341,6 +362,21 @@ def _same_detections(a: Any, b: Any) -> bool:
         return False
 
 
+def count_eligible(results: dict[str, Any], settings: ClassifySettings) -> int:
+    """Detections of ``results`` a run classifies or resumes: what ``backend=auto`` sizes the job by.
+
+    Counted before resuming, so a resumed run picks the backend its first run picked (resume needs the same one).
+    """
+    animal_ids = {str(k) for k, v in results["detection_categories"].items() if v == settings.category}
+    count = 0
+    for image in results["images"]:
+        failure = image.get("failure")
+        if failure and not str(failure).startswith(FAILURE_PREFIX):
+            continue
+        count += sum(_eligible(d, animal_ids, settings.threshold) for d in image.get("detections") or [])
+    return count
+
+
 class _Job:
     """State of one classify run: the output dict being filled, the CSV rows, and the pending requests."""
 
@@ -535,35 +571,91 @@ class _Job:
                 self.csv_frame().to_csv(handle, index=False, lineterminator="\n")
 
 
-def resolve_backend(backend: str, loaded: LoadedClassifier) -> str:
-    """``auto``: ONNX Runtime on the CPU when it is installed, PyTorch otherwise and on CUDA.
+def onnx_cache(settings: ClassifySettings) -> OnnxCache | None:
+    """The ONNX model cache of ``classify.cache_dir`` (None when it is off)."""
+    folder = resolve_cache_dir(settings.cache_dir)
+    return None if folder is None else OnnxCache(folder)
+
+
+def resolve_backend(loaded: LoadedClassifier, settings: ClassifySettings, crops: int) -> str:
+    """The backend a job of ``crops`` crops runs on: ``torch`` or ``onnxruntime``.
+
+    ``auto``: PyTorch on CUDA or without ONNX Runtime; on the CPU, ONNX Runtime when the exported model is in the
+    cache (it is then faster from the first crop), or when the job has at least ``classify.auto_export_min_crops``
+    crops (the export, paid once, is won back), else PyTorch, so ``auto`` never makes a job slower than
+    ``backend=torch``. ``precision=int8`` always runs on ONNX Runtime.
 
     Raises:
-        ConfigError: ``onnxruntime`` asked for on a CUDA device, or when it is not installed.
+        ConfigError: ``onnxruntime`` or int8 asked for on a CUDA device, or when ONNX Runtime is not installed.
     """
     on_cpu = loaded.device.type == "cpu"
-    if backend == "auto":
-        return "onnxruntime" if on_cpu and onnxruntime_available() else "torch"
-    if backend == "onnxruntime" and not on_cpu:
-        raise ConfigError(f"backend=onnxruntime runs on the CPU; use device=cpu or backend=torch (not {loaded.device})")
-    if backend == "onnxruntime" and not onnxruntime_available():
-        raise ConfigError("backend=onnxruntime: ONNX Runtime is not installed (pip install -e '.[deploy]')")
-    return backend
+    wanted = settings.backend
+    if settings.precision == "int8":
+        wanted = "onnxruntime"
+    if wanted == "auto":
+        if not (on_cpu and onnxruntime_available()):
+            return "torch"
+        from animl_lightning.deploy.export import onnx_identity
+
+        cache = onnx_cache(settings)
+        if cache is not None and cache.has(onnx_identity(loaded)):
+            log.info("backend=auto: ONNX Runtime (the exported model is in the cache %s)", cache.folder)
+            return "onnxruntime"
+        if crops >= settings.auto_export_min_crops:
+            log.info(
+                "backend=auto: ONNX Runtime (%d crops >= classify.auto_export_min_crops=%d pay for the export)",
+                crops,
+                settings.auto_export_min_crops,
+            )
+            return "onnxruntime"
+        log.info(
+            "backend=auto: PyTorch (no exported model in the cache and %d crops < classify.auto_export_min_crops=%d; "
+            "backend=onnxruntime exports once and caches it)",
+            crops,
+            settings.auto_export_min_crops,
+        )
+        return "torch"
+    what = "precision=int8" if settings.precision == "int8" else "backend=onnxruntime"
+    if wanted == "onnxruntime" and not on_cpu:
+        raise ConfigError(f"{what} runs on the CPU; use device=cpu (not {loaded.device})")
+    if wanted == "onnxruntime" and not onnxruntime_available():
+        raise ConfigError(f"{what}: ONNX Runtime is not installed (pip install -e '.[deploy]')")
+    return wanted
 
 
-def make_predictor(loaded: LoadedClassifier, backend: str) -> Predictor:
+def onnx_predictor(loaded: LoadedClassifier, settings: ClassifySettings) -> OnnxClassifier:
+    """An ONNX Runtime session of ``loaded`` at ``settings.precision``, from the ONNX model cache when it is there.
+
+    Raises:
+        QuantizationError: int8 asked for and it cannot be made, or is below ``int8.min_agreement``.
+    """
+    from animl_lightning.deploy.export import INPUT_NAME, cached_onnx, onnx_identity
+
+    cache = onnx_cache(settings)
+    if settings.precision == "int8":
+        from animl_lightning.deploy.quantize import build_int8
+
+        def fp32_model() -> bytes:
+            return cached_onnx(loaded, cache, lambda data: data)[1].data
+
+        session, _, _ = build_int8(loaded, settings.int8, fp32_model, onnx_identity(loaded), cache)
+        return session
+    started = time.perf_counter()
+    session, _ = cached_onnx(loaded, cache, lambda data: OnnxClassifier(data, INPUT_NAME))
+    if cache is None:
+        log.info("exported the model to ONNX for ONNX Runtime in %.1f s (no cache)", time.perf_counter() - started)
+    return session
+
+
+def make_predictor(loaded: LoadedClassifier, backend: str, settings: ClassifySettings | None = None) -> Predictor:
     """Model inputs -> calibrated probabilities, on ``backend`` (``torch`` or ``onnxruntime``, resolved).
 
     PyTorch runs the model in channels-last memory format (several times faster for convolutions on the CPU);
-    ONNX Runtime runs the model exported in memory (:func:`animl_lightning.deploy.export.onnx_bytes`).
+    ONNX Runtime runs the exported model (:func:`onnx_predictor`; without ``settings``: float32, exported in memory,
+    no cache).
     """
     if backend == "onnxruntime":
-        from animl_lightning.deploy.export import INPUT_NAME, onnx_bytes
-
-        started = time.perf_counter()
-        exported, _ = onnx_bytes(loaded)
-        log.info("exported the model to ONNX for ONNX Runtime in %.1f s", time.perf_counter() - started)
-        return OnnxClassifier(exported, INPUT_NAME)
+        return onnx_predictor(loaded, settings or ClassifySettings(cache_dir=None))
     network = loaded.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def predict(images: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -600,6 +692,7 @@ def run_metadata(loaded: LoadedClassifier, settings: ClassifySettings, backend: 
         "thresholds_applied": decision_rule(loaded, settings) is not None,
         "model_name": loaded.model_name,
         "backend": backend,
+        "precision": settings.precision,
         "checkpoint": loaded.checkpoint_path.name,
         "checkpoint_sha256": loaded.checkpoint_sha256,
         "temperature": loaded.temperature,
@@ -637,7 +730,8 @@ def _load_previous(
             f"output_file: {output_file} exists and was not written by this classifier (its "
             "classification_categories differ); choose another output_file, delete it, or set resume=false"
         )
-    metadata = (previous.get("info") or {}).get("classifier_metadata") or {}
+    # Outputs written before int8 existed were float32.
+    metadata = {"precision": "fp32"} | ((previous.get("info") or {}).get("classifier_metadata") or {})
     current = run_metadata(loaded, settings, backend)
     changed = {k: (metadata.get(k), v) for k, v in current.items() if metadata.get(k) != v}
     if changed:
@@ -680,7 +774,7 @@ def classify_detections(
     settings = settings or ClassifySettings()
     output_path = Path(output_file)
     csv_path = None if output_csv is None else Path(output_csv)
-    backend = resolve_backend(settings.backend, loaded)
+    backend = resolve_backend(loaded, settings, count_eligible(results, settings))
     previous, previous_rows = (None, None)
     if settings.resume:
         previous, previous_rows = _load_previous(output_path, csv_path, loaded, settings, backend)
@@ -695,7 +789,7 @@ def classify_detections(
         loaded.device,
         backend,
     )
-    predict = make_predictor(loaded, backend) if len(job.requests) else None
+    predict = make_predictor(loaded, backend, settings) if len(job.requests) else None
     started = time.perf_counter()
     last_save = time.monotonic()
     for batch in _batches(loaded, predict, job.requests, settings):

@@ -5,6 +5,10 @@ The exported model takes a batch of preprocessed crops, float32 ``(N, 3, H, W)``
 calibration temperature. The batch axis is always dynamic; height and width are dynamic too unless the timm
 architecture has a fixed input size (``dynamic_size`` in the sidecar says which).
 
+With ``precision=int8`` (ONNX only) the model written is the int8 model of
+:mod:`animl_lightning.deploy.quantize`, and the sidecar also holds its ``int8`` report (top-1 agreement with the
+float32 model and each label's recall change on val); below ``int8.min_agreement`` nothing is written.
+
 The sidecar ``<output>.json`` holds the label index (``{"0": label, ...}``, the ``label_index.json`` shape), the
 preprocessing (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``), the crop rule
 (``crop_strategy``, ``crop_max_size``), the temperature and the timm model name, so a deployment can reproduce
@@ -18,10 +22,10 @@ import copy
 import io
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -31,13 +35,19 @@ from animl_lightning import __version__
 from animl_lightning.core.errors import AnimlError, ConfigError
 from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, check_writable
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
+from animl_lightning.deploy.onnx_cache import CachedModel, OnnxCache, package_versions, source_digest
+
+if TYPE_CHECKING:
+    from animl_lightning.deploy.quantize import Int8Settings
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
+PRECISIONS = ("fp32", "int8")
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 ONNX_OPSET = 18
+T = TypeVar("T")
 _MIN_SIDE = 32
 _MAX_SIDE = 4096
 
@@ -70,6 +80,9 @@ class ExportResult:
     sidecar_file: Path
     format: str
     dynamic_size: bool
+    precision: str = "fp32"
+    # precision=int8: the agreement report (deploy.quantize.agreement), also in the sidecar.
+    int8_report: dict[str, Any] | None = None
 
 
 def sidecar_path(output: str | Path) -> Path:
@@ -175,6 +188,57 @@ def onnx_bytes(loaded: LoadedClassifier, dynamic_size: bool | None = None) -> tu
         return buffer.getvalue(), want_size
 
 
+def onnx_identity(loaded: LoadedClassifier, dynamic_size: bool | None = None) -> dict[str, Any]:
+    """Everything the float32 ONNX model of :func:`onnx_bytes` depends on: its key in the ONNX model cache.
+
+    The checkpoint (by SHA-256: weights, labels, preprocessing), what the wrapper bakes into the graph
+    (temperature, test-time augmentation, example input size, dynamic size), the opset, the sources that build the
+    graph (an editable checkout changes them without changing the version) and the versions of the packages that
+    write or read it.
+    """
+    return {
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+        "precision": "fp32",
+        "model_name": loaded.model_name,
+        "temperature": loaded.temperature,
+        "tta": loaded.tta,
+        "input_size": list(loaded.transform.input_size),
+        "dynamic_size": "architecture" if dynamic_size is None else dynamic_size,
+        "opset": ONNX_OPSET,
+        "graph_source_sha256": source_digest("deploy/export.py", "train/classifier.py"),
+        "versions": package_versions(),
+    }
+
+
+def cached_onnx(
+    loaded: LoadedClassifier, cache: OnnxCache | None, open_model: Callable[[bytes], T]
+) -> tuple[T, CachedModel]:
+    """The float32 ONNX model of :func:`onnx_bytes`, opened with ``open_model``: from ``cache`` when it holds it
+    (else exported and stored there); without a cache, exported.
+
+    ``record["dynamic_size"]`` of the returned entry says whether H and W are dynamic.
+    """
+
+    def export() -> tuple[bytes, dict[str, Any]]:
+        data, dynamic_size = onnx_bytes(loaded)
+        return data, {"dynamic_size": dynamic_size}
+
+    if cache is not None:
+        return cache.get_or_build(onnx_identity(loaded), export, open_model, "ONNX model")
+    data, record = export()
+    return open_model(data), CachedModel(data=data, record=record, from_cache=False, path=None)
+
+
+def loadable_onnx(data: bytes) -> bytes:
+    """``data`` once ONNX Runtime (when installed) has opened it: a cached model it cannot load is built again."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return data
+    onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return data
+
+
 def torchscript_bytes(loaded: LoadedClassifier) -> tuple[bytes, bool]:
     """Serialise the probability model as TorchScript; returns (model bytes, whether H and W are dynamic).
 
@@ -206,11 +270,19 @@ def _trace_handles_other_size(module: torch.jit.ScriptModule, wrapper: nn.Module
         return False
 
 
-def sidecar(loaded: LoadedClassifier, export_format: str, dynamic_size: bool) -> dict[str, Any]:
+def sidecar(
+    loaded: LoadedClassifier,
+    export_format: str,
+    dynamic_size: bool,
+    precision: str = "fp32",
+    int8_report: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The JSON description written next to an exported model."""
     pre = loaded.transform
+    quantization = {} if int8_report is None else {"int8": int8_report}
     return {
         "format": export_format,
+        "precision": precision,
         "model_name": loaded.model_name,
         "label_index": {str(i): name for i, name in enumerate(loaded.class_names)},
         "input_name": INPUT_NAME,
@@ -231,31 +303,81 @@ def sidecar(loaded: LoadedClassifier, export_format: str, dynamic_size: bool) ->
         "dynamic_size": dynamic_size,
         "checkpoint": loaded.checkpoint_path.name,
         "animl_lightning_version": __version__,
-    }
+    } | quantization
 
 
-def export_classifier(loaded: LoadedClassifier, export_format: str, output: str | Path) -> ExportResult:
-    """Write ``loaded`` as ``export_format`` (``onnx`` or ``torchscript``) to ``output`` plus its JSON sidecar.
+def check_format(export_format: str, precision: str) -> None:
+    """Refuse an unknown format or precision, and int8 for TorchScript.
 
-    Both files are written atomically; the sidecar last, so a sidecar always describes a complete model file.
+    Raises:
+        ExportError: naming the setting.
     """
     if export_format not in FORMATS:
         raise ExportError(f"format: must be one of {list(FORMATS)}, got {export_format!r}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and export_format != "onnx":
+        raise ExportError(
+            f"precision=int8 is made with ONNX Runtime: use format=onnx or format=animl, not {export_format}"
+        )
+
+
+def export_classifier(
+    loaded: LoadedClassifier,
+    export_format: str,
+    output: str | Path,
+    precision: str = "fp32",
+    int8: Int8Settings | None = None,
+    cache: OnnxCache | None = None,
+) -> ExportResult:
+    """Write ``loaded`` as ``export_format`` (``onnx`` or ``torchscript``) to ``output`` plus its JSON sidecar.
+
+    Both files are written atomically; the sidecar last, so a sidecar always describes a complete model file. With
+    ``precision=int8`` the int8 model is made and checked first (:func:`animl_lightning.deploy.quantize.build_int8`),
+    so an int8 model below the agreement floor writes nothing. ONNX models come from ``cache`` when it holds them
+    (:mod:`animl_lightning.deploy.onnx_cache`, shared with ``classify``) and are stored there when made.
+
+    Raises:
+        ExportError: a format or precision this cannot export, or the export fails.
+        QuantizationError: the int8 model cannot be made or is below ``int8.min_agreement``.
+    """
+    check_format(export_format, precision)
     target = Path(output)
+    report = None
     if export_format == "onnx":
-        data, dynamic_size = onnx_bytes(loaded)
+        data, entry = cached_onnx(loaded, cache, loadable_onnx)
+        dynamic_size = bool(entry.record.get("dynamic_size", supports_dynamic_size(loaded)))
+        if precision == "int8":
+            from animl_lightning.deploy.quantize import Int8Settings, build_int8
+
+            fp32 = data
+            _, data, report = build_int8(loaded, int8 or Int8Settings(), lambda: fp32, onnx_identity(loaded), cache)
     else:
         data, dynamic_size = torchscript_bytes(loaded)
     atomic_write_bytes(target, data)
     side = sidecar_path(target)
-    atomic_write_json(side, sidecar(loaded, export_format, dynamic_size))
-    log.debug("wrote %s (%s, %.1f MB) and %s", target, export_format, len(data) / 1e6, side)
-    return ExportResult(model_file=target, sidecar_file=side, format=export_format, dynamic_size=dynamic_size)
+    atomic_write_json(side, sidecar(loaded, export_format, dynamic_size, precision, report))
+    log.debug("wrote %s (%s %s, %.1f MB) and %s", target, export_format, precision, len(data) / 1e6, side)
+    return ExportResult(
+        model_file=target,
+        sidecar_file=side,
+        format=export_format,
+        dynamic_size=dynamic_size,
+        precision=precision,
+        int8_report=report,
+    )
 
 
-def export_checkpoint(checkpoint: str | Path, export_format: str, output: str | Path) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str | Path,
+    export_format: str,
+    output: str | Path,
+    precision: str = "fp32",
+    int8: Int8Settings | None = None,
+    cache: OnnxCache | None = None,
+) -> ExportResult:
     """Load a checkpoint on the CPU and export it; see :func:`export_classifier`."""
-    if export_format not in FORMATS:
-        raise ExportError(f"format: must be one of {list(FORMATS)}, got {export_format!r}")
+    check_format(export_format, precision)
     check_writable(output, "output")
-    return export_classifier(load_classifier(checkpoint, device="cpu"), export_format, output)
+    loaded = load_classifier(checkpoint, device="cpu")
+    return export_classifier(loaded, export_format, output, precision, int8, cache)

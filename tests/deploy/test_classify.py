@@ -450,22 +450,26 @@ def test_output_with_failures_passes_megadetectors_validator_and_names_a_typical
     assert "typical_classification_threshold" not in _read(output)["info"]["classifier_metadata"]
 
 
-def test_backend_auto_is_onnx_runtime_on_the_cpu_and_a_wrong_backend_is_named(
+def test_backend_auto_on_a_small_job_is_pytorch_and_a_wrong_backend_is_named(
     loaded: LoadedClassifier, tmp_path: Path
 ) -> None:
     from animl_lightning.core.errors import ConfigError
     from animl_lightning.deploy.classify import resolve_backend
 
     pytest.importorskip("onnxruntime")
-    assert resolve_backend("auto", loaded) == "onnxruntime"
-    assert resolve_backend("torch", loaded) == "torch"
+    # Nothing in the (empty) ONNX cache and a job too small to pay for an export: auto must not be slower than torch.
+    # The cache and the large-job rule: tests/deploy/test_classify_onnx_cache.py.
+    small = ClassifySettings(backend="auto", cache_dir=str(tmp_path / "cache"))
+    assert resolve_backend(loaded, small, crops=5) == "torch"
+    assert resolve_backend(loaded, small, crops=small.auto_export_min_crops) == "onnxruntime"
+    assert resolve_backend(loaded, ClassifySettings(backend="torch"), crops=10**6) == "torch"
     with pytest.raises(ConfigError, match=r"backend: must be one of \['auto', 'torch', 'onnxruntime'\]"):
         ClassifySettings(backend="tensorrt")
     detections_file, images_dir, _ = write_megadetector_file(tmp_path)
     output = tmp_path / "classified.json"
     settings = ClassifySettings(threshold=0.8, min_conf=0.0, batch_size=3, num_workers=0, backend="auto")
     classify_detections(loaded, read_detections_file(detections_file), images_dir, output, settings)
-    assert _read(output)["info"]["classifier_metadata"]["backend"] == "onnxruntime"
+    assert _read(output)["info"]["classifier_metadata"]["backend"] == "torch"
 
 
 # --- the user's files are never lost (issue 25, item 2) ---------------------------------------------------------
