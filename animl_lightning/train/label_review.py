@@ -390,14 +390,14 @@ def id_filenames(labels: Sequence[str]) -> dict[str, str]:
 
 def split_counts(crops: pd.DataFrame, issues: pd.DataFrame, uncertain: pd.DataFrame) -> pd.DataFrame:
     """``split, crops, label issues, share, uncertain`` per reviewed split, then ``all``."""
+
+    def count(frame: pd.DataFrame, split: str) -> int:
+        return len(frame) if split == "all" else int((frame["split"] == split).sum())
+
     rows = []
     for split in [*[s for s in SPLIT_NAMES if (crops["split"] == s).any()], "all"]:
-
-        def count(frame: pd.DataFrame, split: str = split) -> int:
-            return len(frame) if split == "all" else int((frame["split"] == split).sum())
-
-        total = count(crops)
-        rows.append((split, total, count(issues), count(issues) / total if total else 0.0, count(uncertain)))
+        total, flagged = count(crops, split), count(issues, split)
+        rows.append((split, total, flagged, flagged / total if total else 0.0, count(uncertain, split)))
     return pd.DataFrame(rows, columns=["split", "crops", "label issues", "share", "uncertain"])
 
 
@@ -445,7 +445,6 @@ def _fmt(value: Any) -> str:
 
 
 def review_page(
-    run: RunPredictions | None,
     crops_dir: Path,
     crops: pd.DataFrame,
     issues: pd.DataFrame,
@@ -500,7 +499,6 @@ def review_page(
         lstrip_blocks=True,
     )
     return environment.get_template(TEMPLATE).render(
-        title=f"label review of {run.run_dir.name if run else 'a run'}",
         generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
         splits=table(split_counts(crops, issues, uncertain)),
         per_label=table(label_counts(crops, issues, uncertain)),
@@ -583,13 +581,14 @@ def review_run(
     frames = {**run.frames, **(train_frames or {})}
     crops, issues, uncertain = review_tables(frames, run.prepared, run.labels, settings)
     context = {
+        "title": f"label review of {run.run_dir.name}",
         "run_dir": str(run.run_dir.resolve()),
         "data_dir": run.record.data_dir,
         "calibrated": run.record.calibrated,
         "temperature": run.record.temperature,
         "reviewed_splits": [s for s in SPLIT_NAMES if s in frames],
     }
-    html = review_page(run, run.prepared.crops_dir, crops, issues, uncertain, settings, context)
+    html = review_page(run.prepared.crops_dir, crops, issues, uncertain, settings, context)
     folder = run.run_dir / REVIEW_DIRNAME
     write_review(folder, issues, uncertain, html, run.labels)
     return ReviewResult(folder, len(crops), len(issues), len(uncertain), split_counts(crops, issues, uncertain))
