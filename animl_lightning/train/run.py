@@ -40,6 +40,7 @@ from animl_lightning.train.checkpointing import (
 )
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.datamodule import CropDataModule
+from animl_lightning.train.prediction_record import write_predictions_record
 from animl_lightning.train.report import ReportSettings, build_report, report_settings
 from animl_lightning.train.sweeps import write_run_results
 from animl_lightning.train.tables import MetricTables
@@ -167,6 +168,16 @@ def fit_and_evaluate(
         taxonomy = datamodule.prepared.taxonomy
         record = add_thresholds_and_ranks(tables, taxonomy, settings.thresholds)
         tables.write(trainer)
+        if trainer.is_global_zero and tables.writes_predictions and tables.evaluations:
+            # Ties the predictions tables to this dataset's files, for the label review that joins them by path.
+            evaluations = tables.evaluations
+            write_predictions_record(
+                tables.dirpath,
+                datamodule.data_dir,
+                next(iter(evaluations.values())).labels,
+                model.temperature,
+                {split: len(evaluation.predictions) for split, evaluation in evaluations.items()},
+            )
         if trainer.is_global_zero and settings.train and eval_ckpt:
             # best.ckpt carries what classify and export need beside the weights and the temperature.
             records = {TAXONOMY_KEY: taxonomy.to_dict()} if taxonomy is not None else {}

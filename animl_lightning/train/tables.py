@@ -131,6 +131,11 @@ class MetricTables(Callback):
         return self._dirpath
 
     @property
+    def writes_predictions(self) -> bool:
+        """Whether :meth:`write` writes ``predictions_<split>.csv``."""
+        return self._predictions
+
+    @property
     def evaluations(self) -> dict[str, SplitEvaluation]:
         """The collected evaluations by split, in train/val/test order."""
         return {s: self._evaluations[s] for s in SPLIT_NAMES if s in self._evaluations}

@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
 # deploy may use train's checkpoint reading only: the reader and the classifier it rebuilds.
 DEPLOY_FROM_TRAIN = {"animl_lightning.train.checkpointing", "animl_lightning.train.classifier"}
 # The Hydra edge: the only package modules that import hydra or omegaconf.
-HYDRA_EDGE = {"cli.py", "hydra_callbacks.py", "classify.py", "export.py", "serve.py", "report.py"}
+HYDRA_EDGE = {"cli.py", "hydra_callbacks.py", "classify.py", "export.py", "serve.py", "report.py", "review.py"}
 
 
 def modules() -> Iterator[tuple[Path, ast.Module]]:

@@ -1,0 +1,55 @@
+"""``python -m animl_lightning.review run_dir=RUN``: the crops of a finished run whose given label is likely wrong.
+
+Settings: ``configs/review.yaml``. The Hydra edge only: the review is
+:func:`animl_lightning.train.label_review.review_run`, the folds of ``review.folds=K``
+:func:`animl_lightning.train.review_folds.score_train_crops`; a bad input ends with one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from animl_lightning.cli import CONFIG_DIR, run_command
+from animl_lightning.core.errors import ConfigError
+
+# train.py of the checkout the configs come from: the folds are fits of it (the package is installed editable).
+TRAIN_SCRIPT = CONFIG_DIR.parent / "train.py"
+
+
+def review(cfg: DictConfig) -> None:
+    """Review the run, print the counts and say where the files went."""
+    from animl_lightning.train.label_review import ReviewSettings, load_run_predictions, review_run
+
+    if OmegaConf.is_missing(cfg, "run_dir") or not cfg.run_dir:
+        raise ConfigError("run_dir: must be set to a train.py run folder (e.g. run_dir=outputs/train/DATE/TIME)")
+    values: Any = OmegaConf.to_container(cfg.review, resolve=True)
+    known = set(ReviewSettings.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"review: unknown key(s) {unknown}; known: {sorted(known)}")
+    settings = ReviewSettings(**values)
+    run = load_run_predictions(str(cfg.run_dir))
+    train_frames = None
+    if settings.folds is not None:
+        from animl_lightning.train.review_folds import score_train_crops
+
+        train_frames = {
+            "train": score_train_crops(run, settings.folds, settings.fold_seed, [sys.executable, str(TRAIN_SCRIPT)])
+        }
+    result = review_run(run.run_dir, settings, train_frames, run)
+    print(result.per_split.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {result.folder}: {result.issues} likely label errors, {result.uncertain} uncertain crops")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="review")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    run_command(lambda: review(cfg), "review")
+
+
+if __name__ == "__main__":
+    main()
