@@ -1,7 +1,7 @@
 """The Hydra edge shared by every command: where the configs are, one-line errors, and Hydra-specific plumbing.
 
-``prepare.py``, ``train.py`` and ``python -m animl_lightning.{classify,export,serve,report,review}`` compose their config
-from :data:`CONFIG_DIR` and run their work through :func:`run_command`, which turns the project's errors
+``prepare.py``, ``train.py`` and ``python -m animl_lightning.{classify,export,serve,report,review}`` compose their
+config from :data:`CONFIG_DIR` and run their work through :func:`run_command`, which turns the project's errors
 (:class:`~animl_lightning.core.errors.AnimlError`), configuration mistakes Hydra reports while instantiating, and
 environment failures (a full disk, a folder that is a file, no permission) into one line on stderr with exit status
 2, and Ctrl-C into ``interrupted; run the same command to resume`` with status 130. Anything else is a bug and keeps
