@@ -22,7 +22,6 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from lightning import Trainer, seed_everything
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,6 +33,7 @@ from animl_lightning.cli import (
     hydra_config,
     instantiate_named,
     overridden,
+    refuse_base_model,
     refuse_unknown_keys,
     run_command,
     run_config,
@@ -48,6 +48,7 @@ from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.datamodule import CropDataModule
 from animl_lightning.train.run import (
     RUN_KEYS,
+    callbacks_for_loggers,
     check_checkpoint_fits,
     check_monitor,
     checkpoint_data_dir,
@@ -55,13 +56,12 @@ from animl_lightning.train.run import (
     model_to_evaluate,
     resolve_precision,
     resolve_sync_batchnorm,
+    resume_hint,
     run_settings,
 )
 from animl_lightning.train.sweeps import process_rank
 
 log = logging.getLogger("train")
-# configs/model/base.yaml: the keys every model config shares (its model_name is ???), not a model of its own.
-BASE_MODEL_CONFIG = "base"
 
 
 def build_model(cfg: DictConfig, datamodule: CropDataModule) -> CropClassifier:
@@ -104,9 +104,7 @@ def train(cfg: DictConfig) -> float | None:
     refuse_unknown_keys(cfg)
     output_dir = str(cfg.paths.output_dir)
     hydra_cfg = hydra_config()
-    if hydra_cfg is not None and hydra_cfg.runtime.choices.get("model") == BASE_MODEL_CONFIG:
-        models = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != BASE_MODEL_CONFIG)
-        raise ConfigError(f"model=base: base is what every model config extends, not a model; choose one of {models}")
+    refuse_base_model(hydra_cfg)
     with ExitStack() as stack:
         if process_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
             # One process writes a run folder, and writes nothing there before it holds it: a second train.py on a
@@ -134,9 +132,7 @@ def _train_in(stack: ExitStack, cfg: DictConfig, hydra_cfg: DictConfig | None, o
         callbacks.append(TemperatureCalibration())
     apply_wandb_run_identity(cfg, hydra_cfg)
     loggers: list[Logger] = instantiate_named(cfg.get("logger"), "logger")
-    if not loggers:
-        # Lightning refuses a learning-rate monitor without a logger to write to (logger=none).
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks = callbacks_for_loggers(callbacks, loggers)
     accelerator = cfg.trainer.get("accelerator", "auto")
     trainer_args: dict[str, Any] = {
         "callbacks": callbacks,
@@ -158,14 +154,6 @@ def _train_in(stack: ExitStack, cfg: DictConfig, hydra_cfg: DictConfig | None, o
     for logger in loggers:
         logger.log_hyperparams(run_config(cfg))
     return fit_and_evaluate(trainer, model, datamodule, settings)
-
-
-def resume_hint(output_dir: str) -> str:
-    """After Ctrl-C: how to continue this run (a new command gets a new run folder, so it is not the same one)."""
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return "interrupted before the first epoch finished; nothing to resume, run the same command to start again"
-    return f"interrupted; resume with the same command plus ckpt_path={last} hydra.run.dir={output_dir}"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

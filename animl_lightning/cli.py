@@ -484,3 +484,15 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
         value = cfg[key]
         config[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return config
+
+
+# configs/model/base.yaml: the keys every model config shares (its model_name is ???), not a model of its own.
+BASE_MODEL_CONFIG = "base"
+
+
+def refuse_base_model(hydra_cfg: DictConfig | None) -> None:
+    """``model=base`` is what every model config extends, not a model: one line listing the models instead."""
+    if hydra_cfg is None or hydra_cfg.runtime.choices.get("model") != BASE_MODEL_CONFIG:
+        return
+    models = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != BASE_MODEL_CONFIG)
+    raise ConfigError(f"model=base: base is what every model config extends, not a model; choose one of {models}")

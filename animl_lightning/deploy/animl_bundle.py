@@ -57,7 +57,6 @@ from animl_lightning.core.files import (
 )
 from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, answer_request
 from animl_lightning.deploy.export import (
-    INPUT_NAME,
     PRECISIONS,
     ExportError,
     cached_onnx,
@@ -67,7 +66,7 @@ from animl_lightning.deploy.export import (
 )
 from animl_lightning.deploy.inference import LoadedClassifier
 from animl_lightning.deploy.onnx_cache import OnnxCache
-from animl_lightning.deploy.onnx_runtime import OnnxClassifier
+from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier
 from animl_lightning.deploy.quantize import Int8Settings, build_int8
 
 log = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ from animl_lightning.deploy.inference import (
     top_k,
 )
 from animl_lightning.deploy.onnx_cache import AUTO, OnnxCache, resolve_cache_dir
-from animl_lightning.deploy.onnx_runtime import OnnxClassifier, onnxruntime_available
+from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier, onnxruntime_available
 from animl_lightning.deploy.quantize import PRECISIONS, Int8Settings
 from animl_lightning.deploy.smoothing import (
     BEFORE_SMOOTHING,
@@ -629,7 +629,7 @@ def onnx_predictor(loaded: LoadedClassifier, settings: ClassifySettings) -> Onnx
     Raises:
         QuantizationError: int8 asked for and it cannot be made, or is below ``int8.min_agreement``.
     """
-    from animl_lightning.deploy.export import INPUT_NAME, cached_onnx, onnx_identity
+    from animl_lightning.deploy.export import cached_onnx, onnx_identity
 
     cache = onnx_cache(settings)
     if settings.precision == "int8":

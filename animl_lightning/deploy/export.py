@@ -36,6 +36,7 @@ from animl_lightning.core.errors import AnimlError, ConfigError
 from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, check_writable
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.deploy.onnx_cache import CachedModel, OnnxCache, package_versions, source_digest
+from animl_lightning.deploy.onnx_runtime import INPUT_NAME
 
 if TYPE_CHECKING:
     from animl_lightning.deploy.quantize import Int8Settings
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "int8")
-INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 ONNX_OPSET = 18
 T = TypeVar("T")

@@ -13,6 +13,9 @@ from numpy.typing import NDArray
 from animl_lightning.core.errors import ConfigError, InputFileError
 from animl_lightning.core.machine import usable_cores
 
+# The input of every model this project exports (ONNX and TorchScript), whoever runs it.
+INPUT_NAME = "images"
+
 
 class OnnxClassifier:
     """An ONNX Runtime session of an exported classifier.

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 from lightning import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 from animl_lightning.core.contract import SPLIT_NAMES
@@ -70,6 +70,21 @@ def resolve_sync_batchnorm(sync_batchnorm: bool, accelerator: str) -> bool:
     if not on_gpu:
         log.info("trainer.sync_batchnorm ignored: SyncBatchNorm needs CUDA devices (accelerator=%s)", accelerator)
     return on_gpu
+
+
+def callbacks_for_loggers(callbacks: list[Any], loggers: list[Any]) -> list[Any]:
+    """The callbacks that can run with these loggers: Lightning refuses a learning-rate monitor without one."""
+    if loggers:
+        return callbacks
+    return [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+
+
+def resume_hint(output_dir: str) -> str:
+    """After Ctrl-C: how to continue this run (a new command gets a new run folder, so it is not the same one)."""
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "interrupted before the first epoch finished; nothing to resume, run the same command to start again"
+    return f"interrupted; resume with the same command plus ckpt_path={last} hydra.run.dir={output_dir}"
 
 
 def check_checkpoint_fits(contents: CheckpointContents, labels: list[str], crop_rule: CropRule, data_dir: str) -> None:
