@@ -3,7 +3,8 @@
     python prepare.py                                   # the generated demo project -> data/demo
     python prepare.py coco_file=export.json images_dir=images output_dir=data/mine s3.bucket=animl-images-serving-prod
 
-Stages: ingest -> images -> boxes -> crops -> labels -> dataset -> splits. See configs/prepare.yaml for every key.
+Stages: ingest -> images -> [detect] -> boxes -> crops -> labels -> dataset -> splits (detect: with
+detector.model_file). See configs/prepare.yaml for every key.
 The Hydra edge only: compose and validate the settings, run :func:`animl_lightning.prepare.pipeline.run_prepare`,
 print the summary; errors become one line (:func:`animl_lightning.cli.run_command`).
 """

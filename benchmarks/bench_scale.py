@@ -162,7 +162,7 @@ def run_stages(cct_path: Path, trials: int) -> dict[str, Any]:
     times["ingest"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    boxes = collect_boxes(project, images.assign(available=True), None, DetectionSettings(), report)
+    boxes = collect_boxes(project, images.assign(available=True), [], DetectionSettings(), report)
     boxes = boxes.assign(crop_ok=True)  # no images: the crop stage is skipped
     times["boxes"] = time.perf_counter() - start
 

@@ -338,9 +338,10 @@ def load_detections(path: str | Path, report: PrepareReport) -> DetectionResults
         n_detections += len(kept)
         images[file] = kept
 
-    report.set_count(STAGE, "detector_images", len(images))
-    report.set_count(STAGE, "detector_failures", len(failures))
-    report.set_count(STAGE, "detections", n_detections)
+    # Added, not set: prepare may read two results files (detections_file and the detect stage's own).
+    report.count(STAGE, "detector_images", len(images))
+    report.count(STAGE, "detector_failures", len(failures))
+    report.count(STAGE, "detections", n_detections)
     log.info("%s: %d images, %d detections, %d failures", source, len(images), n_detections, len(failures))
     return DetectionResults(
         detector=detector,

@@ -5,10 +5,13 @@ Rules:
 * Every annotation with a box gives a ground-truth box (``source="gt"``, confidence 1.0), whatever else its image
   has. Boxes are clamped to the image again now that every available image's size is known (idempotent for boxes
   clamped at ingest).
-* An image whose annotations have no box at all takes its boxes from the detections file (``file == file_name``):
-  detections whose category name is ``detections.category`` with ``conf >= detections.threshold``
+* An image whose annotations have no box at all takes its boxes from MegaDetector results (``file == file_name``),
+  the ``detections_file`` and/or the detect stage's own results (:mod:`animl_lightning.prepare.detect`), looked up in
+  that order: detections whose category name is ``detections.category`` with ``conf >= detections.threshold``
   (``source="md"``). Its ``dataset_class`` is the image's annotated category, so the image must have exactly one
   distinct box-less category (``empty`` aside); several are reported as ambiguous and skipped.
+  :func:`detector_candidates` lists these images, so that the detect stage runs MegaDetector on exactly the images
+  whose boxes it would use.
 * Box-less ``empty`` annotations, and images without annotations, give no boxes (there is nothing to crop).
 * Images with several boxes keep all of them; ``detections.single_animal_only=true`` reproduces the old
   ``md_to_queried_images`` rule that dropped such images entirely (reported).
@@ -23,6 +26,9 @@ position in the image's original list. Path separators in annotation ids and the
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -97,45 +103,73 @@ def _ground_truth(annotations: pd.DataFrame, images: pd.DataFrame, position: np.
     return frame
 
 
+def _boxless_classes(boxless: pd.DataFrame) -> pd.Series:
+    """The distinct non-``empty`` categories of each image in ``boxless`` (its box-less annotations)."""
+    counted = boxless.loc[boxless["category"] != EMPTY_CATEGORY]
+    return counted.groupby("image_id", sort=False)["category"].unique()
+
+
+def _results_for(file_name: str, detections: Sequence[DetectionResults]) -> DetectionResults | None:
+    """The first results that list ``file_name`` (among its images or its failures)."""
+    for results in detections:
+        if file_name in results.images or file_name in results.failures:
+            return results
+    return None
+
+
 def _detector_boxes(
     boxless: pd.DataFrame,
     images: pd.DataFrame,
-    detections: DetectionResults | None,
+    detections: Sequence[DetectionResults],
     settings: DetectionSettings,
     report: PrepareReport,
 ) -> pd.DataFrame:
     """Boxes for the images whose annotations have no box; ``boxless`` has their box-less annotations."""
-    counted = boxless.loc[boxless["category"] != EMPTY_CATEGORY]
-    report.count(STAGE, "empty_images_without_box", int(boxless["image_id"].nunique() - counted["image_id"].nunique()))
-    if counted.empty:
+    classes = _boxless_classes(boxless)
+    report.count(STAGE, "empty_images_without_box", int(boxless["image_id"].nunique() - len(classes)))
+    if classes.empty:
         return _empty_boxes()
-    classes = counted.groupby("image_id", sort=False)["category"].unique()
     rows = pd.Index(images["image_id"].to_numpy(dtype=object)).get_indexer(classes.index.to_numpy(dtype=object))
     columns = {f: images[f].to_numpy(dtype=object) for f in _IMAGE_FIELDS}
-    detector = detections.detector if detections is not None else "unknown"
-    source_file = detections.source if detections is not None else None
+    sources = ", ".join(str(d.source) for d in detections)
     records: list[dict[str, object]] = []
     for image_id, names, row in zip(classes.index, classes.to_numpy(), rows, strict=True):
         file_name = str(columns["file_name"][row])
+        results = _results_for(file_name, detections)
+        source_file = results.source if results is not None else None
 
-        def skip(kind: str, message: str, field: str | None = None, *, image_id: object = image_id) -> None:
-            report.add(STAGE, kind, message, file=source_file, record=str(image_id), field=field)
+        def skip(
+            kind: str,
+            message: str,
+            field: str | None = None,
+            *,
+            image_id: object = image_id,
+            source: Path | None = source_file,
+        ) -> None:
+            report.add(STAGE, kind, message, file=source, record=str(image_id), field=field)
 
         if len(names) > 1:
             skip("ambiguous_class", f"no box and several annotated categories {sorted(names)}", "category_id")
             continue
-        if detections is None:
-            skip("no_box", "annotations have no box and no detections file was given", "bbox")
-            continue
-        if file_name in detections.failures:
-            skip("detector_failure", f"the detector failed on {file_name!r}: {detections.failures[file_name]}", "file")
-            continue
-        found = detections.images.get(file_name)
-        if found is None:
+        if not detections:
             skip(
-                "not_in_detections", f"annotations have no box and {file_name!r} is not in the detections file", "file"
+                "no_box",
+                "annotations have no box and no MegaDetector results were given (detections_file, detector.model_file)",
+                "bbox",
             )
             continue
+        if results is None:
+            skip(
+                "not_in_detections",
+                f"annotations have no box and {file_name!r} is in no MegaDetector results ({sources})",
+                "file",
+            )
+            continue
+        if file_name in results.failures:
+            skip("detector_failure", f"the detector failed on {file_name!r}: {results.failures[file_name]}", "file")
+            continue
+        found = results.images[file_name]
+        detector = results.detector
         width, height = columns["width"][row], columns["height"][row]
         if pd.isna(width) or pd.isna(height):
             skip("size_unknown", "image size unknown: detector boxes cannot be converted to pixels", "width")
@@ -143,7 +177,7 @@ def _detector_boxes(
         kept = [
             d
             for d in found
-            if detections.detection_categories.get(d.category) == settings.category and d.conf >= settings.threshold
+            if results.detection_categories.get(d.category) == settings.category and d.conf >= settings.threshold
         ]
         if not kept:
             skip(
@@ -167,34 +201,44 @@ def _detector_boxes(
                     "h": h * int(height),
                     "crop_path": md_crop_path(file_name, d.index, detector),
                     "_record": f"{file_name}#{d.index}",
+                    "_source": "" if results.source is None else str(results.source),
                 }
             )
     if not records:
         return _empty_boxes()
     frame = pd.DataFrame.from_records(records)
-    # clip_boxes names records by annotation_id; detector boxes are named file#index in the report.
-    clipped = clip_boxes(
-        frame.assign(annotation_id=frame["_record"]), images, report, stage=STAGE, file=source_file
-    ).assign(annotation_id="")
-    return clipped.drop(columns="_record")
+    # clip_boxes names records by annotation_id; detector boxes are named file#index in the report, per results file.
+    clipped = [
+        clip_boxes(part.assign(annotation_id=part["_record"]), images, report, stage=STAGE, file=str(source) or None)
+        for source, part in frame.groupby("_source", sort=False)
+    ]
+    return pd.concat(clipped, ignore_index=True).assign(annotation_id="").drop(columns=["_record", "_source"])
 
 
-def collect_boxes(
-    project: CctProject,
-    images: pd.DataFrame,
-    detections: DetectionResults | None,
-    settings: DetectionSettings,
-    report: PrepareReport,
-) -> pd.DataFrame:
-    """Build the boxes table (columns :data:`BOX_COLUMNS`) from the annotations and, optionally, detections.
+@dataclass(frozen=True)
+class _AnnotationPlan:
+    """Which annotations give ground-truth boxes and which images look for detector boxes.
 
-    Args:
-        project: the ingested CCT file (its annotations).
-        images: the images table after the images stage (``available``, sizes filled from the files).
-        detections: MegaDetector results for images without a ground-truth box, or ``None``.
-        settings: category, threshold and ``single_animal_only``.
-        report: receives every skipped image or box (stage ``boxes``) and the counts.
+    Attributes:
+        annotations: the annotations, clamped to their images.
+        position: each annotation's row in the images table (-1: unknown image).
+        known: the annotation's image is in the images table.
+        on_available: ... and is available.
+        use_gt: the annotation gives a ground-truth box.
+        boxless: the annotation has no box and neither has any other annotation of its image.
+        partial: the annotation has no box but another annotation of its image has one.
     """
+
+    annotations: pd.DataFrame
+    position: np.ndarray
+    known: np.ndarray
+    on_available: np.ndarray
+    use_gt: np.ndarray
+    boxless: np.ndarray
+    partial: np.ndarray
+
+
+def _plan_annotations(project: CctProject, images: pd.DataFrame, report: PrepareReport) -> _AnnotationPlan:
     available = (
         images["available"].to_numpy(dtype=bool) if "available" in images.columns else np.ones(len(images), bool)
     )
@@ -203,17 +247,63 @@ def collect_boxes(
         annotations["image_id"].to_numpy(dtype=object)
     )
     known = position >= 0
-    if not known.all():
-        report.count(STAGE, "annotations_of_unknown_images", int((~known).sum()))
     has_box = annotations["w"].notna().to_numpy() & known
     image_has_box = np.zeros(len(images), dtype=bool)
     image_has_box[position[has_box]] = True
     on_available = known & available[np.where(known, position, 0)]
-    report.set_count(STAGE, "annotations_on_unavailable_images", int((known & ~on_available).sum()))
+    no_box = known & ~has_box & on_available
+    partial = no_box & image_has_box[np.where(known, position, 0)]
+    return _AnnotationPlan(
+        annotations=annotations,
+        position=position,
+        known=known,
+        on_available=on_available,
+        use_gt=has_box & on_available,
+        boxless=no_box & ~partial,
+        partial=partial,
+    )
+
+
+def detector_candidates(project: CctProject, images: pd.DataFrame) -> list[str]:
+    """File names of the images whose boxes :func:`collect_boxes` would take from MegaDetector results.
+
+    Those are the available images without a ground-truth box whose box-less annotations name exactly one category
+    other than ``empty``: images that are ``empty`` or ambiguous give no crop whatever a detector finds, so running
+    it on them would only cost time (camera-trap exports are often mostly empty images). Sorted, without repeats.
+    """
+    plan = _plan_annotations(project, images, PrepareReport())  # its issues are the boxes stage's to report
+    classes = _boxless_classes(plan.annotations.loc[plan.boxless])
+    single = classes.loc[classes.map(len) == 1].index.to_numpy(dtype=object)
+    rows = pd.Index(images["image_id"].to_numpy(dtype=object)).get_indexer(single)
+    return sorted({str(name) for name in images["file_name"].to_numpy(dtype=object)[rows]})
+
+
+def collect_boxes(
+    project: CctProject,
+    images: pd.DataFrame,
+    detections: Sequence[DetectionResults],
+    settings: DetectionSettings,
+    report: PrepareReport,
+) -> pd.DataFrame:
+    """Build the boxes table (columns :data:`BOX_COLUMNS`) from the annotations and, optionally, detections.
+
+    Args:
+        project: the ingested CCT file (its annotations).
+        images: the images table after the images stage (``available``, sizes filled from the files).
+        detections: MegaDetector results for images without a ground-truth box, looked up in order (an image is
+            taken from the first that lists it); empty for none.
+        settings: category, threshold and ``single_animal_only``.
+        report: receives every skipped image or box (stage ``boxes``) and the counts.
+    """
+    plan = _plan_annotations(project, images, report)
+    annotations, position, known = plan.annotations, plan.position, plan.known
+    if not known.all():
+        report.count(STAGE, "annotations_of_unknown_images", int((~known).sum()))
+    report.set_count(STAGE, "annotations_on_unavailable_images", int((known & ~plan.on_available).sum()))
     # The images stage names the image; each annotation it takes with it is named here, by its own id.
     annotation_ids = annotations["annotation_id"].to_numpy(dtype=object)
     file_names = images["file_name"].to_numpy(dtype=object)
-    for i in np.flatnonzero(known & ~on_available):
+    for i in np.flatnonzero(known & ~plan.on_available):
         report.add(
             STAGE,
             "annotation_of_unavailable_image",
@@ -223,12 +313,9 @@ def collect_boxes(
             field="image_id",
         )
 
-    use_gt = has_box & on_available
-    gt = _ground_truth(annotations.loc[use_gt], images, position[use_gt])
+    gt = _ground_truth(annotations.loc[plan.use_gt], images, position[plan.use_gt])
 
-    no_box = known & ~has_box & on_available
-    partial = no_box & image_has_box[np.where(known, position, 0)]
-    for i in np.flatnonzero(partial & (annotations["category"].to_numpy(dtype=object) != EMPTY_CATEGORY)):
+    for i in np.flatnonzero(plan.partial & (annotations["category"].to_numpy(dtype=object) != EMPTY_CATEGORY)):
         report.add(
             STAGE,
             "annotation_without_box",
@@ -237,7 +324,7 @@ def collect_boxes(
             record=str(annotation_ids[i]),
             field="bbox",
         )
-    md = _detector_boxes(annotations.loc[no_box & ~partial], images, detections, settings, report)
+    md = _detector_boxes(annotations.loc[plan.boxless], images, detections, settings, report)
 
     frames = [f for f in (gt, md) if not f.empty]
     boxes = pd.concat(frames, ignore_index=True) if frames else _empty_boxes()

@@ -14,8 +14,10 @@ from pathlib import Path
 from animl_lightning.core.crop_rule import CROP_STRATEGIES
 from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.machine import usable_cores
+from animl_lightning.prepare.detector_file import check_model_file
 
 SPLIT_METHODS = ("random", "smallest_first")
+DETECTOR_DEVICES = ("auto", "cpu", "cuda", "mps")
 GROUP_UNITS = ("location", "sequence", "location_time")
 
 
@@ -54,6 +56,33 @@ class DetectionSettings:
     def __post_init__(self) -> None:
         require(0.0 <= self.threshold <= 1.0, "detections.threshold", f"must be in [0, 1], got {self.threshold}")
         require(bool(self.category), "detections.category", "must not be empty")
+
+
+@dataclass
+class DetectorSettings:
+    """MegaDetector run by prepare itself on the images that need boxes (``detector.*``); null model: none is run."""
+
+    model_file: str | None = None
+    threshold: float = 0.005
+    batch_size: int = 1
+    device: str = "auto"
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        # Above 0: MegaDetector writes every box at or above the threshold, and at 0 that is every candidate box.
+        require(0.0 < self.threshold <= 1.0, "detector.threshold", f"must be in (0, 1], got {self.threshold}")
+        require(self.batch_size >= 1, "detector.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(
+            self.checkpoint_every >= 1, "detector.checkpoint_every", f"must be >= 1 images, got {self.checkpoint_every}"
+        )
+        device, _, index = self.device.partition(":")
+        require(
+            device in DETECTOR_DEVICES and (not index or (device == "cuda" and index.isdigit())),
+            "detector.device",
+            f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
+        if self.model_file is not None:
+            check_model_file(self.model_file)
 
 
 @dataclass
@@ -243,6 +272,7 @@ class PrepareSettings:
     detections_file: str | None = None
     s3: S3Settings = field(default_factory=S3Settings)
     detections: DetectionSettings = field(default_factory=DetectionSettings)
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
     crops: CropSettings = field(default_factory=CropSettings)
     labels: LabelSettings = field(default_factory=LabelSettings)
     split: SplitSettings = field(default_factory=SplitSettings)
@@ -265,6 +295,15 @@ class PrepareSettings:
             )
         if self.detections_file is not None:
             require(Path(self.detections_file).is_file(), "detections_file", f"{self.detections_file} does not exist")
+        if self.detector.model_file is not None:
+            # Boxes below the detector's threshold are never written, so a lower crop threshold would silently act
+            # as the detector's.
+            require(
+                self.detections.threshold >= self.detector.threshold,
+                "detections.threshold",
+                f"{self.detections.threshold} is below detector.threshold ({self.detector.threshold}), under which "
+                "MegaDetector writes no box; lower detector.threshold or raise detections.threshold",
+            )
         if self.labels.spec_file is not None:
             require(
                 Path(self.labels.spec_file).is_file(), "labels.spec_file", f"{self.labels.spec_file} does not exist"

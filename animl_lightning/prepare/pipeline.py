@@ -1,7 +1,8 @@
 """The prepare pipeline: run the stages in order, skip the ones whose outputs are current, report.
 
-Stages: ingest -> images -> boxes -> crops -> labels -> dataset -> splits; with ``folders.root`` a ``folders``
-stage first derives the CCT file that ingest reads (:mod:`animl_lightning.prepare.folders`).
+Stages: ingest -> images -> detect -> boxes -> crops -> labels -> dataset -> splits; with ``folders.root`` a
+``folders`` stage first derives the CCT file that ingest reads (:mod:`animl_lightning.prepare.folders`), and the
+detect stage runs only with ``detector.model_file`` (:mod:`animl_lightning.prepare.detect`).
 
 Resumability has two layers. Inside a stage, per-file work (downloads, crops) skips what is already on disk and
 complete, because every file is written atomically. Across stages, ``prepare_info.json`` records a fingerprint of
@@ -41,13 +42,14 @@ from animl_lightning.core.contract import (
 from animl_lightning.core.errors import AnimlError
 from animl_lightning.core.files import atomic_write_text, remove_stale_temporaries, run_lock
 from animl_lightning.core.issues import REPORT_FILENAME, PrepareReport
-from animl_lightning.core.megadetector import load_detections
+from animl_lightning.core.megadetector import DetectionResults, load_detections
 from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, TaxonomyError, read_taxonomy
 from animl_lightning.prepare.boxes import collect_boxes
 from animl_lightning.prepare.config import PrepareSettings
 from animl_lightning.prepare.crop_stage import make_crops
 from animl_lightning.prepare.dataset import build_dataset_frame, write_dataset_files
 from animl_lightning.prepare.demo import generate_demo_project
+from animl_lightning.prepare.detect import RESULTS_FILENAME, run_detect_stage
 from animl_lightning.prepare.folders import (
     FOLDERS_CCT_FILENAME,
     build_folder_source,
@@ -67,7 +69,7 @@ from animl_lightning.prepare.splits import (
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingest", "images", "boxes", "crops", "labels", "dataset", "splits")
+STAGES = ("ingest", "images", "detect", "boxes", "crops", "labels", "dataset", "splits")
 STAGE_CROPS = "crops"
 # prepare_info.json: the crop settings the crops on disk were cut with (written when a crops stage finishes).
 CROPS_MADE_WITH_KEY = "crops_made_with"
@@ -203,8 +205,9 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
                 settings.folders,
                 output_dir,
                 report,
-                # With MegaDetector results the boxes come from them, as for a CCT export without boxes.
-                whole_image_boxes=settings.detections_file is None,
+                # With MegaDetector results (given, or run by the detect stage) the boxes come from them, as for a
+                # CCT export without boxes.
+                whole_image_boxes=settings.detections_file is None and settings.detector.model_file is None,
                 reuse_scan=not settings.force,
             )
             cct_digest = _file_digest(coco_file)
@@ -238,11 +241,29 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         result.detail = f"{int(images['available'].sum())}/{len(images)} available"
         finish("images", images_fp)
 
+    given: DetectionResults | None = None
+    detected: DetectionResults | None = None
+    if settings.detector.model_file is not None:
+        with stage("detect") as result:
+            if settings.detections_file is not None:
+                given = load_detections(settings.detections_file, report)
+            outcome = run_detect_stage(
+                project, images, images_dir, output_dir, settings.detector, given, report, force=settings.force
+            )
+            detected = outcome.detections
+            if outcome.detected == 0:
+                result.status = "skipped (current)"
+            result.detail = f"{outcome.detected}/{outcome.candidates} images run, {outcome.reused} known"
+            if detected is not None:
+                report.info["detector_results"] = str(output_dir / RESULTS_FILENAME)
+            finish("detect", outcome.fingerprint)
+
     with stage("boxes") as result:
-        detections = None
-        if settings.detections_file is not None:
-            detections = load_detections(settings.detections_file, report)
-        boxes = collect_boxes(project, images, detections, settings.detections, report)
+        if settings.detections_file is not None and given is None:
+            given = load_detections(settings.detections_file, report)
+        boxes = collect_boxes(
+            project, images, [d for d in (given, detected) if d is not None], settings.detections, report
+        )
         result.detail = f"{len(boxes)} boxes"
 
     with stage("crops") as result:

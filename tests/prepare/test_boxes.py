@@ -12,7 +12,13 @@ import pytest
 from animl_lightning.core.cct import CctProject, load_cct
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.megadetector import DetectionResults, load_detections
-from animl_lightning.prepare.boxes import BOX_COLUMNS, collect_boxes, gt_crop_path, md_crop_path
+from animl_lightning.prepare.boxes import (
+    BOX_COLUMNS,
+    collect_boxes,
+    detector_candidates,
+    gt_crop_path,
+    md_crop_path,
+)
 from animl_lightning.prepare.config import DetectionSettings
 from tests.fixtures.cct import write_cct
 
@@ -70,7 +76,11 @@ def _collect(
 ) -> tuple[pd.DataFrame, PrepareReport]:
     report = PrepareReport()
     boxes = collect_boxes(
-        project, _available(project) if images is None else images, detections, DetectionSettings(**settings), report
+        project,
+        _available(project) if images is None else images,
+        [] if detections is None else [detections],
+        DetectionSettings(**settings),
+        report,
     )
     return boxes, report
 
@@ -197,6 +207,42 @@ def test_what_gives_no_boxes_is_reported(tmp_path: Path) -> None:
     }
     assert report.counts["boxes"]["empty_images_without_box"] == 1
     assert report.counts["boxes"]["annotations_on_unavailable_images"] == 1
+
+
+def test_detector_candidates_are_the_images_whose_boxes_would_come_from_detections(tmp_path: Path) -> None:
+    project = _project(
+        tmp_path,
+        [_image(i) for i in ("amb", "one", "two", "empty", "none", "mixed", "gone", "boxed")],
+        [
+            _annotation("1", "amb", 1, None),
+            _annotation("2", "amb", 2, None),
+            _annotation("3", "one", 1, None),
+            _annotation("4", "two", 2, None),
+            _annotation("5", "two", 2, None),  # two box-less annotations of one category: one image, one class
+            _annotation("6", "empty", 0, None),
+            _annotation("7", "mixed", 1),
+            _annotation("8", "mixed", 2, None),
+            _annotation("9", "gone", 1, None),
+            _annotation("10", "boxed", 1),
+        ],
+    )
+    assert detector_candidates(project, _available(project, ("gone",))) == ["cam/one.jpg", "cam/two.jpg"]
+
+
+def test_two_results_files_are_read_in_order_each_naming_its_crops(tmp_path: Path) -> None:
+    project = _project(
+        tmp_path, [_image("a"), _image("b")], [_annotation("1", "a", 1, None), _annotation("2", "b", 1, None)]
+    )
+    box = [{"category": "1", "conf": 0.9, "bbox": [0, 0, 0.5, 0.5]}]
+    (tmp_path / "given").mkdir()
+    (tmp_path / "run").mkdir()
+    given = _detections(tmp_path / "given", [{"file": "cam/a.jpg", "detections": box}], "md_v5b.0.0.pt")
+    run = _detections(
+        tmp_path / "run", [{"file": "cam/a.jpg", "detections": []}, {"file": "cam/b.jpg", "detections": box}], "mine.pt"
+    )
+    report = PrepareReport()
+    boxes = collect_boxes(project, _available(project), [given, run], DetectionSettings(), report)
+    assert sorted(boxes["crop_path"]) == ["cam/a.jpg___crop00_md_v5b.0.0.pt.jpg", "cam/b.jpg___crop00_mine.pt.jpg"]
 
 
 def test_without_detections_boxless_images_are_reported(tmp_path: Path) -> None:
