@@ -55,6 +55,7 @@ from animl_lightning.train.run import (
     fit_and_evaluate,
     model_to_evaluate,
     resolve_precision,
+    resolve_strategy,
     resolve_sync_batchnorm,
     resume_hint,
     run_settings,
@@ -140,6 +141,8 @@ def _train_in(stack: ExitStack, cfg: DictConfig, hydra_cfg: DictConfig | None, o
         "precision": resolve_precision(cfg.trainer.get("precision", "auto"), accelerator),
         "plugins": [AtomicCheckpointIO()],
     }
+    if "strategy" in cfg.trainer:
+        trainer_args["strategy"] = resolve_strategy(cfg.trainer.strategy, int(model.hparams["finetune_epochs"]))
     if "sync_batchnorm" in cfg.trainer:
         trainer_args["sync_batchnorm"] = resolve_sync_batchnorm(bool(cfg.trainer.sync_batchnorm), accelerator)
     trainer: Trainer = instantiate(cfg.trainer, **trainer_args)

@@ -37,6 +37,7 @@ from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, ch
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.deploy.onnx_cache import CachedModel, OnnxCache, package_versions, source_digest
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME
+from animl_lightning.train.classifier import FlipAveraged
 
 if TYPE_CHECKING:
     from animl_lightning.deploy.quantize import Int8Settings
@@ -99,7 +100,9 @@ def probability_model(loaded: LoadedClassifier) -> ProbabilityModel:
 
 def supports_dynamic_size(loaded: LoadedClassifier) -> bool:
     """Whether the architecture accepts inputs of other sizes than its configured one (timm's ``fixed_input_size``)."""
-    cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
+    # eval.tta=hflip wraps the timm network, whose own config answers (the wrapper has none, which read as "any size").
+    network = loaded.model.network if isinstance(loaded.model, FlipAveraged) else loaded.model
+    cfg = getattr(network, "pretrained_cfg", None) or {}
     return not bool(cfg.get("fixed_input_size", False))
 
 

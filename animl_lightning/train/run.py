@@ -87,6 +87,28 @@ def resume_hint(output_dir: str) -> str:
     return f"interrupted; resume with the same command plus ckpt_path={last} hydra.run.dir={output_dir}"
 
 
+# Lightning's DDP strategy names that have a ``<name>_find_unused_parameters_true`` variant.
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def resolve_strategy(strategy: Any, finetune_epochs: int) -> Any:
+    """With head-first training (``model.finetune_epochs > 0``), let DDP find the parameters that get no gradient.
+
+    The backbone is frozen after DDP has wrapped the model, so in the head-only epochs its parameters take no part in
+    the loss, and plain DDP stops at the second step ("parameters that were not used in producing the loss").
+    DDP's search for unused parameters leaves their gradients unset, so they stay exactly as they were (no weight
+    decay either). Other strategies and values pass through unchanged.
+    """
+    if finetune_epochs > 0 and isinstance(strategy, str) and strategy in DDP_STRATEGIES:
+        log.info(
+            "model.finetune_epochs=%d under DDP: trainer.strategy=%s_find_unused_parameters_true",
+            finetune_epochs,
+            strategy,
+        )
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
+
+
 def check_checkpoint_fits(contents: CheckpointContents, labels: list[str], crop_rule: CropRule, data_dir: str) -> None:
     """Refuse a checkpoint trained on other labels or crops than the dataset's (resume and ``train=false``).
 
