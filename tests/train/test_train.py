@@ -21,6 +21,7 @@ import train as train_script
 from animl_lightning.cli import user_error
 from animl_lightning.core.contract import DatasetError, read_crop_rule
 from animl_lightning.core.crop_rule import CropRule
+from animl_lightning.core.files import LOCK_FILENAME
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.run import resolve_precision
 from animl_lightning.train.scores import OVERALL_COLUMNS, PER_LABEL_COLUMNS
@@ -251,7 +252,8 @@ def test_inconsistent_dataset_fails_before_training(tmp_path: Path) -> None:
     (data / "label_index.json").write_text(json.dumps({"0": "bird", "1": "fox"}))
     with pytest.raises(DatasetError, match="skunk"):
         run_train(data, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    # Nothing but what the command writes first once it holds the folder: its lock and the config it ran with.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILENAME, ".hydra"]
 
 
 def test_bad_setting_is_reported_without_traceback(data_dir: Path, tmp_path: Path) -> None:
