@@ -617,7 +617,8 @@ def resolve_backend(loaded: LoadedClassifier, settings: ClassifySettings, crops:
         return "torch"
     what = "precision=int8" if settings.precision == "int8" else "backend=onnxruntime"
     if wanted == "onnxruntime" and not on_cpu:
-        raise ConfigError(f"{what} runs on the CPU; use device=cpu (not {loaded.device})")
+        other = "" if settings.precision == "int8" else " or backend=torch"
+        raise ConfigError(f"{what} runs on the CPU; use device=cpu{other} (not {loaded.device})")
     if wanted == "onnxruntime" and not onnxruntime_available():
         raise ConfigError(f"{what}: ONNX Runtime is not installed (pip install -e '.[deploy]')")
     return wanted
