@@ -16,8 +16,9 @@ left untouched, as are the current folder and the folders above it:
   before anything is written), named in ``bundle.json`` (``onnx_int8_file``, and its ``int8`` report), which the
   ONNX server serves when asked (``ANIML_PRECISION=int8``, the default of that bundle's ``Dockerfile.onnx``);
 - ``mlmodel.json``: the ``MLModel`` record (``_id``, ``version``, ``description``, ``defaultConfThreshold``,
-  ``categories`` with ``_id`` = ``name`` = label, a colour each, per-label thresholds when the checkpoint has them,
-  ``expectsCrops: true``; with int8 also ``int8``: top-1 agreement with fp32 and each label's recall change on val);
+  ``categories`` with ``_id`` = ``name`` = label, a colour each, per-label thresholds when the checkpoint has them
+  (1.0 for a label training found none for, which classify reports as unknown), ``expectsCrops: true``; with int8
+  also ``int8``: top-1 agreement with fp32 and each label's recall change on val);
 - ``sample_request.json`` and the ``sample_response.json`` this export's ONNX model gives for it (with int8 also
   ``sample_response_int8.json``, the int8 model's);
 - ``README.md``: how to register the model in Animl;
@@ -85,6 +86,9 @@ CORE_SOURCES = (
 )
 SERVER_SOURCES = (*CORE_SOURCES, "deploy/__init__.py", "deploy/onnx_runtime.py", "deploy/server.py")
 DEFAULT_THRESHOLD = 0.5
+# confThreshold of a label for which training found no threshold reaching the target precision: classify reports
+# such a label as unknown (or a taxon) whatever its probability, so Animl must not apply it on its own either.
+NO_THRESHOLD = 1.0
 TORCHSERVE_VERSION = "0.12.0"
 SAMPLE_BBOX = [0.2, 0.25, 0.7, 0.8]  # [ymin, xmin, ymax, xmax], as Animl sends it
 MANIFEST_FILENAME = "bundle_files.json"
@@ -124,11 +128,14 @@ def mlmodel_record(
 ) -> dict[str, Any]:
     """The ``MLModel`` document Animl registers the classifier with."""
     thresholds = _thresholds(loaded)
+    # With thresholds from training every label gets one (NO_THRESHOLD where none was found), as classify decides;
+    # without them every label falls to defaultConfThreshold.
+    has_thresholds = bool((loaded.thresholds or {}).get("per_label"))
     categories = []
     for label, colour in zip(loaded.class_names, category_colours(loaded.class_names), strict=True):
         category: dict[str, Any] = {"_id": label, "name": label, "color": colour}
-        if label in thresholds:
-            category["confThreshold"] = thresholds[label]
+        if has_thresholds:
+            category["confThreshold"] = thresholds.get(label, NO_THRESHOLD)
         if loaded.taxonomy is not None:
             category["taxonomy"] = loaded.taxonomy.description(label)
         categories.append(category)
@@ -581,7 +588,8 @@ Both answer `GET /ping` and `POST /invocations` on port 8080, the SageMaker cont
    memory is plenty), then call it once with `sample_request.json` and compare with `sample_response.json`.
 2. Add the `MLModel` document of `mlmodel.json` to Animl's database: `_id`, `version`, `description`,
    `defaultConfThreshold`, `categories` (each `_id` is the label the endpoint returns; the `confThreshold` values,
-   where present, were chosen on the validation split for the target precision) and `expectsCrops: true`.
+   where present, were chosen on the validation split for the target precision, and 1.0 marks a label for which
+   none reached it: it is never applied on its own, as `classify` reports it unknown) and `expectsCrops: true`.
 3. Point Animl's configuration for this model at the endpoint's name, add the call to its inference code and an
    automation rule (e.g. "run on MegaDetector's animal labels"), as for Animl's other classifiers.
 {_int8_section(report)}"""

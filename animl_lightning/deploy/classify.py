@@ -34,7 +34,7 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -88,6 +88,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = "1.6"
 BACKENDS = ("auto", "torch", "onnxruntime")
 FAILURE_PREFIX = "classification failed: "
+# output_csv: the category the JSON reports first for a detection, and its probability.
+DECISION_COLUMNS = ("decision", "decision_score")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # A CCT or crops-folder input has no detector categories of its own; its boxes become this category.
 ANIMAL_CATEGORIES = {"1": "animal"}
@@ -549,12 +551,26 @@ class _Job:
         info["classification_completion_time"] = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
 
     def csv_frame(self) -> pd.DataFrame:
-        """One row per classified (or failed) detection, in image and detection order."""
+        """One row per classified (or failed) detection, in image and detection order.
+
+        ``decision`` and ``decision_score`` are what the JSON reports first for the detection (the label, or below
+        its threshold ``unknown`` or a taxon, after smoothing), read from the JSON itself so the two never
+        disagree; the ``label_<k>`` columns are what the model said.
+        """
         k = min(self.settings.top_k, len(self.loaded.class_names))
-        columns = ["file", "detection", "category", "conf", "x", "y", "w", "h", "failure"]
+        columns = ["file", "detection", "category", "conf", "x", "y", "w", "h", "failure", *DECISION_COLUMNS]
         for rank in range(1, k + 1):
             columns += [f"label_{rank}", f"score_{rank}"]
-        rows = [self.rows[key] for key in sorted(self.rows)]
+        names: Mapping[str, str] = self.output.get("classification_categories") or {}
+        rows = []
+        for i, j in sorted(self.rows):
+            detections = self.output["images"][i].get("detections") or []
+            reported = detections[j].get("classifications") if j < len(detections) else None
+            first = reported[0] if reported and i not in self.failed_images else None
+            decision = {"decision": "", "decision_score": float("nan")}
+            if first is not None:
+                decision = {"decision": names.get(str(first[0]), str(first[0])), "decision_score": float(first[1])}
+            rows.append({**self.rows[(i, j)], **decision})
         return pd.DataFrame(rows, columns=columns)
 
     def write(self, output_file: Path, output_csv: Path | None, partial_info: bool) -> None:

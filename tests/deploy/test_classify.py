@@ -139,7 +139,8 @@ def test_csv_has_one_row_per_detection_with_top_k(loaded: LoadedClassifier, tmp_
     )
     frame = pd.read_csv(output_csv, keep_default_na=False, na_values=[""])
     assert list(frame.columns[:9]) == ["file", "detection", "category", "conf", "x", "y", "w", "h", "failure"]
-    assert list(frame.columns[9:]) == ["label_1", "score_1", "label_2", "score_2", "label_3", "score_3"]
+    assert list(frame.columns[9:11]) == ["decision", "decision_score"]
+    assert list(frame.columns[11:]) == ["label_1", "score_1", "label_2", "score_2", "label_3", "score_3"]
     assert len(frame) == len(CLASSIFIED) + 2  # plus the missing and the corrupt image
     ok = frame[frame["failure"].isna()]
     assert len(ok) == len(CLASSIFIED)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from animl_lightning.core.taxonomy import TAXONOMY_KEY, Taxonomy
@@ -79,6 +80,34 @@ def test_below_its_threshold_a_detection_is_unknown_and_keeps_the_models_list(tm
     assert all(d["classifications"][0][0] != "4" for d in _classified(off))
 
 
+def test_the_csv_reports_what_the_json_reports(tmp_path: Path) -> None:
+    # bird (this untrained model's best label for every crop) never passes; every other label always passes.
+    record = {"per_label": {"bird": 1.0, "deer": 0.0, "fox": 0.0, "rabbit": 0.0}, "per_taxon": {}}
+    loaded = load_classifier(_checkpoint(tmp_path, record, None), device="cpu")
+    detections_file, images_dir, _ = write_megadetector_file(tmp_path)
+    output, output_csv = tmp_path / "out.json", tmp_path / "out.csv"
+    summary = classify_detections(
+        loaded, read_detections_file(detections_file), images_dir, output, SETTINGS, output_csv=output_csv
+    )
+    data = json.loads(output.read_text())
+    names = data["classification_categories"]
+    reported = {
+        (image["file"], j): (names[d["classifications"][0][0]], d["classifications"][0][1])
+        for image in data["images"]
+        for j, d in enumerate(image["detections"] or [])
+        if "classifications" in d
+    }
+    frame = pd.read_csv(output_csv, keep_default_na=False, na_values=[""])
+    classified = frame[frame["failure"].isna()]
+    assert len(classified) == len(reported) and summary.detections_below_threshold > 0
+    for row in classified.itertuples(index=False):
+        decision, score = reported[(row.file, row.detection)]
+        assert (row.decision, row.decision_score) == (decision, pytest.approx(score, abs=1e-6))
+        # Below its threshold the model's best label is still there, beside the decision.
+        assert row.decision == ("unknown" if row.label_1 == "bird" else row.label_1)
+    assert frame.loc[frame["failure"].notna(), "decision"].isna().all()  # failed detections decide nothing
+
+
 def test_rollup_reports_the_lowest_taxon_that_passes(tmp_path: Path) -> None:
     validator = pytest.importorskip("megadetector.postprocessing.validate_batch_results")
     # No label passes; among taxa only 'mammalia' (class) has a threshold low enough for everything.
@@ -136,4 +165,6 @@ def test_mlmodel_categories_carry_thresholds_and_taxonomy(tmp_path: Path) -> Non
     loaded = load_classifier(_checkpoint(tmp_path, record, TAXONOMY), device="cpu")
     categories = {c["_id"]: c for c in mlmodel_record(loaded, "m", "v1", "d", 0.5)["categories"]}
     assert categories["fox"]["taxonomy"] == "mammalia;carnivora;canidae;vulpes;vulpes vulpes"
-    assert categories["fox"]["confThreshold"] == 0.9 and "confThreshold" not in categories["deer"]
+    assert categories["fox"]["confThreshold"] == 0.9
+    # deer has no threshold: classify calls it unknown whatever its probability, and Animl never applies it either.
+    assert categories["deer"]["confThreshold"] == 1.0
