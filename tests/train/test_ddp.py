@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.multiprocessing.spawn import spawn
 from torch.utils.data import DistributedSampler
 
@@ -20,7 +19,7 @@ from animl_lightning.train.classifier import RNG_STATES_KEY, RNG_STATES_PER_RANK
 from animl_lightning.train.datamodule import CropDataModule
 from animl_lightning.train.sampling import DistributedWeightedSampler, UnpaddedDistributedSampler
 from animl_lightning.train.sweeps import SUMMARY_FILENAME
-from tests.fixtures.datasets import make_prepared_dataset
+from tests.fixtures.datasets import make_prepared_dataset, squash_every_other_crop
 from tests.fixtures.hydra import compose_train
 from tests.fixtures.scripts import SCRIPT_OVERRIDES, run_train_script
 
@@ -256,19 +255,8 @@ def test_sweep_of_ddp_jobs(ddp_data: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mixed_shape_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``ddp_data`` with every other crop squashed to 64x28, as real crops come in many shapes.
-
-    The random resized crop retries until a window fits the image, so it draws more numbers for some shapes: the
-    ranks, which see different crops, end an epoch with different generator states (with crops of one shape they
-    would stay equal, as every rank is seeded alike, and restoring rank 0's states everywhere would pass unnoticed).
-    """
-    root = make_prepared_dataset(tmp_path_factory.mktemp("mixed_shape_data"), per_label=3)
-    for index, path in enumerate(sorted((root / "crops").rglob("*.jpg"))):
-        if index % 2:
-            with Image.open(path) as image:
-                squashed = image.resize((64, 28))
-            squashed.save(path, quality=90)
-    return root
+    """``ddp_data`` with every other crop squashed (see :func:`squash_every_other_crop`)."""
+    return squash_every_other_crop(make_prepared_dataset(tmp_path_factory.mktemp("mixed_shape_data"), per_label=3))
 
 
 def max_weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
