@@ -37,6 +37,7 @@ from animl_lightning.deploy.inference import load_classifier
 from animl_lightning.train.checkpointing import THRESHOLDS_KEY, update_checkpoint
 from tests.fixtures.files import write_jpeg
 from tests.fixtures.models import CLASS_NAMES, write_checkpoint
+from tests.fixtures.readme import first_column_names, section
 from tests.fixtures.scripts import command_env, run_command
 from tests.fixtures.serving import (
     TRAINING_STACK,
@@ -184,6 +185,11 @@ def test_bundle_holds_what_animl_needs(bundle: Path, checkpoint: Path) -> None:
     response = json.loads((bundle / "sample_response.json").read_text())
     assert list(response) == CLASS_NAMES and abs(sum(response.values()) - 1) < 1e-4
     assert "Register it in Animl" in (bundle / "README.md").read_text()
+
+    # The user's README lists every file of the bundle.
+    documented = {name.rstrip("/") for name in first_column_names(section("Deploying to Animl"))}
+    written = {"<id>.mar" if p.suffix == ".mar" else p.name for p in bundle.iterdir()} - {"__pycache__"}
+    assert written <= documented, written - documented
 
 
 def test_handler_server_and_classify_give_the_same_probabilities(
