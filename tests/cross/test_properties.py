@@ -27,7 +27,8 @@ from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import crop_image, crop_window, output_size
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import SplitSettings
-from animl_lightning.prepare.splits import make_splits, split_random, split_smallest_first
+from animl_lightning.prepare.split_search import split_random, split_smallest_first
+from animl_lightning.prepare.splits import make_splits
 from tests.fixtures.files import write_json
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -17,19 +17,21 @@ from hypothesis.extra.numpy import arrays
 from animl_lightning.core.contract import read_splits, write_splits
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import SplitSettings
-from animl_lightning.prepare.splits import (
-    ALL_LABELS,
-    SplitTargetError,
+from animl_lightning.prepare.split_search import (
     admissible,
-    format_shares,
     group_label_counts,
     location_label_counts,
-    make_splits,
     score_assignment,
     scoring_targets,
     split_random,
-    split_report,
     split_smallest_first,
+)
+from animl_lightning.prepare.splits import (
+    ALL_LABELS,
+    SplitTargetError,
+    format_shares,
+    make_splits,
+    split_report,
     write_split_files,
 )
 
