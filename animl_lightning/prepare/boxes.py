@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from animl_lightning.core.cct import CctProject, clip_boxes, suspect_paths
+from animl_lightning.core.cct import CctProject, suspect_paths
 from animl_lightning.core.files import UnsafePathError, safe_relative
+from animl_lightning.core.image_boxes import clip_boxes
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.megadetector import DetectionResults
 from animl_lightning.prepare.config import DetectionSettings

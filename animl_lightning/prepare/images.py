@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from animl_lightning.core.cct import fill_image_sizes
 from animl_lightning.core.errors import AnimlError, DataError
 from animl_lightning.core.files import UnsafePathError, atomic_write, safe_join, safe_relative
+from animl_lightning.core.image_boxes import fill_image_sizes
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import S3Settings
 
@@ -320,7 +320,7 @@ def ensure_images(
     """Check (and with ``s3``, download) every image; return ``images`` with an ``available`` column.
 
     Missing ``width``/``height`` of available images are then read from the files
-    (:func:`animl_lightning.core.cct.fill_image_sizes`), so later stages see every available image's size.
+    (:func:`animl_lightning.core.image_boxes.fill_image_sizes`), so later stages see every available image's size.
 
     Args:
         images: the images table (``image_id``, ``file_name``, ``s3_key``, ``width``, ``height``).

@@ -18,10 +18,9 @@ from animl_lightning.core.cct import (
     UNKNOWN_LOCATION,
     CctError,
     CctProject,
-    clip_boxes,
-    fill_image_sizes,
     load_cct,
 )
+from animl_lightning.core.image_boxes import clip_boxes, fill_image_sizes
 from animl_lightning.core.issues import Issue, PrepareReport
 from tests.fixtures.files import write_json
 
