@@ -28,6 +28,9 @@ HISTORY_FILENAME = "history.csv"
 class EpochHistory(Callback):
     """Write ``<dirpath>/history.csv`` (``epoch``, ``lr``, then every ``train/*`` and ``val/*`` epoch metric).
 
+    ``lr`` is the rate of the classifier head, which learns at ``optimizer.lr``; with ``model.backbone_lr_scale``
+    the backbone's own rate is ``lr_backbone``.
+
     Args:
         dirpath: the run folder (not ``metrics/``, which holds the evaluation tables as a set or nothing).
     """
@@ -38,7 +41,7 @@ class EpochHistory(Callback):
             raise ConfigError("callbacks.epoch_history.dirpath must be set")
         self._path = Path(dirpath) / HISTORY_FILENAME
         self._rows: list[dict[str, float]] = []
-        self._lr: float = math.nan
+        self._lr: dict[str, float] = {"lr": math.nan}
         self._trainer: Trainer | None = None
 
     @property
@@ -56,7 +59,7 @@ class EpochHistory(Callback):
             for name, value in trainer.callback_metrics.items()
             if name.startswith(("train/", "val/")) and "batch" not in name and getattr(value, "numel", lambda: 1)() == 1
         }
-        return {"epoch": float(epoch), "lr": self._lr, **values} if values else None
+        return {"epoch": float(epoch), **self._lr, **values} if values else None
 
     def _record(self, trainer: Trainer, epoch: int) -> None:
         row = self._row(trainer, epoch)
@@ -77,8 +80,11 @@ class EpochHistory(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.current_epoch > 0:
             self._record(trainer, trainer.current_epoch - 1)
-        optimizers = trainer.optimizers
-        self._lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        # The classifier builds its parameter groups backbone first, head last (CropClassifier.configure_optimizers).
+        self._lr = {"lr": float(groups[-1]["lr"]) if groups else math.nan}
+        if len(groups) > 1:
+            self._lr["lr_backbone"] = float(groups[0]["lr"])
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -243,6 +243,10 @@ def check_backbone_lr_scale(run: Path, probe: dict[str, Any], data_dir: Path) ->
     # The cosine decays both groups alike, from their own base rates.
     second = probe["epoch_lrs"][1]
     assert second[1] < LR and second[0] == pytest.approx(0.1 * second[1])
+    # history.csv reports the head's rate as `lr` (optimizer.lr's schedule) and the backbone's beside it.
+    history = pd.read_csv(run / "history.csv")
+    assert list(history["lr"]) == pytest.approx([lrs[1] for lrs in probe["epoch_lrs"]])
+    assert list(history["lr_backbone"]) == pytest.approx([lrs[0] for lrs in probe["epoch_lrs"]])
 
 
 def check_finetune(run: Path, probe: dict[str, Any], data_dir: Path) -> None:

@@ -81,6 +81,29 @@ def test_optuna_search_config_composes_and_parses() -> None:
         assert OmegaConf.select(cfg, key) is not None, key
 
 
+def test_optuna_recipe_search_composes_every_choice() -> None:
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+    from optuna.distributions import CategoricalDistribution
+
+    cfg = compose_config(["hparams_search=optuna_recipe"])
+    params = dict(cfg.hydra.sweeper.params)
+    assert {"optimizer.lr", "model.finetune_epochs", "scheduler", "eval.tta", "model.drop_path_rate"} <= set(params)
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    for override in parsed:
+        distribution = create_optuna_distribution_from_override(override)
+        if isinstance(distribution, CategoricalDistribution):
+            # Each value a trial can get composes into a config that holds it (a group option that does not exist,
+            # or a key a recipe does not know, would only fail at that trial).
+            for choice in distribution.choices:
+                trial = compose_config(["hparams_search=optuna_recipe", f"{override.key_or_group}={choice}"])
+                if override.key_or_group == "scheduler":
+                    assert trial.scheduler._target_.endswith("." + {"cosine": "CosineAnnealingLR"}.get(choice, choice))
+                else:
+                    assert str(OmegaConf.select(trial, override.key_or_group)) == str(choice)
+        else:
+            assert OmegaConf.select(cfg, override.key_or_group) is not None, override.key_or_group
+
+
 @pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
 def test_slurm_launcher_config_composes(launcher: str) -> None:
     cfg = compose_config([f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu"])
