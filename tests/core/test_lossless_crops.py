@@ -322,3 +322,28 @@ def test_deployment_pixels_are_the_training_crops_pixels(tmp_path: Path, name: s
         pixel_box = (box[0] * SIZE[0], box[1] * SIZE[1], box[2] * SIZE[0], box[3] * SIZE[1])
         assert np.array_equal(source.crop(pixel_box)[..., :3], trained)
     assert source.decoded is not None  # the padded box is decoded as before
+
+
+@pytest.mark.parametrize("name", list(SUBSAMPLINGS))
+def test_classify_and_the_servers_feed_the_model_the_training_crops(tmp_path: Path, name: str) -> None:
+    from animl_lightning.core.crop_rule import EvalTransform
+    from animl_lightning.core.serving import AnimlRequest, request_probabilities
+    from animl_lightning.deploy.inference import CropRequests, DetectionCrops
+
+    (tmp_path / "images").mkdir()
+    path = _jpeg(tmp_path / "images" / "a.jpg", SUBSAMPLINGS[name][0])
+    rule = CropRule("square", None, True)
+    _crops(tmp_path, _rows("a.jpg", BOXES))
+    transform = EvalTransform((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", 0.9)
+    normalized = [(x / SIZE[0], y / SIZE[1], w / SIZE[0], h / SIZE[1]) for x, y, w, h in BOXES]
+    by_classify = DetectionCrops(CropRequests.build([(str(path), b, True) for b in normalized]), transform, rule)
+    for i, box in enumerate(normalized):
+        with Image.open(tmp_path / "crops" / f"a.jpg_{i}.jpg") as crop:
+            trained = transform(crop.convert("RGB"))  # the datamodule's eval path
+        served = request_probabilities(  # the ONNX server's and the TorchServe handler's path; predict = identity
+            AnimlRequest(path.read_bytes(), box), lambda x: x.reshape(1, -1), transform, rule
+        )
+        classified, _, error = by_classify[i]
+        assert error == ""
+        assert np.abs(served - trained.ravel()).max() <= 1e-6
+        assert np.abs(classified - trained).max() <= 1e-6
