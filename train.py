@@ -89,6 +89,7 @@ def build_model(cfg: DictConfig, datamodule: CropDataModule) -> CropClassifier:
         scheduler=scheduler,
         crop_strategy=crop_rule.strategy,
         crop_max_size=crop_rule.max_size,
+        crop_lossless=crop_rule.lossless,
         tta=str(cfg.eval.get("tta", "none")),
         _convert_="all",
     )

@@ -231,7 +231,8 @@ def run_floor(boxes: pd.DataFrame, images: Path, workers: int, divisors: dict[st
 
 def run_stage(boxes: pd.DataFrame, images: Path, out: Path, workers: int, quality: int, max_size: int | None) -> int:
     report = PrepareReport()
-    settings = CropSettings(strategy="square", max_size=max_size, workers=workers, quality=quality)
+    # Today's decode-and-encode stage, as these figures were first measured (bench_lossless_crops.py: lossless).
+    settings = CropSettings(strategy="square", max_size=max_size, workers=workers, quality=quality, lossless=False)
     result = make_crops(boxes, images, out, settings, report)
     if not result["crop_ok"].all():
         raise RuntimeError(f"crop stage failed: {report.issue_summary()}")

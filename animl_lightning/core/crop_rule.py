@@ -19,6 +19,14 @@ Strategies (``crops.strategy``, :class:`CropRule`):
 ``exact``
     The exact box.
 
+``crops.lossless`` (:attr:`CropRule.lossless`): a baseline JPEG's crop is cut out of its compressed data
+(:func:`~animl_lightning.core.imaging.cut_jpeg`), not decoded and encoded again. Such a cut must start on the
+photo's MCU grid (8x8 pixels for 4:4:4, 16x8 for 4:2:2, 16x16 for 4:2:0, read from the header), so the rule becomes:
+the strategy's crop, grown left and up by less than one MCU so that its origin is on the grid (:func:`align_to_grid`);
+it still contains the box and ends where it did. Progressive, CMYK, rotated (EXIF) and non-JPEG files, and crops that
+need black padding, keep the strategy's crop, decoded and encoded again. Every consumer reads the same header
+(:func:`plan_window`), so a deployment cuts the same rectangle as prepare did, and decodes the same bytes.
+
 ``crops.max_size`` caps the longer saved side; crops are never enlarged. When it is set, JPEGs are decoded with
 libjpeg's DCT scaling at 1/2, 1/4 or 1/8 scale whenever every crop of the image still gets at least its saved size at
 that scale (:func:`draft_reduction`); shrinking is done by OpenCV (2x area-average halvings, then bilinear for the
@@ -45,7 +53,16 @@ import simplejpeg
 from PIL import Image
 
 from animl_lightning.core.errors import AnimlError, ConfigError
-from animl_lightning.core.imaging import DecodedImage, decode_image, pil_view, rgbx
+from animl_lightning.core.imaging import (
+    DecodedImage,
+    ImageHeader,
+    cut_jpeg,
+    decode_image,
+    pil_view,
+    read_header,
+    rgbx,
+    turbojpeg,
+)
 
 Box = tuple[float, float, float, float]
 CROP_STRATEGIES = ("square", "pad", "exact")
@@ -74,8 +91,12 @@ class CropRule:
 
     strategy: str = "square"
     max_size: int | None = None
+    # False (what a rule recorded before lossless crops means): the strategy's crop, decoded and encoded again.
+    lossless: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.lossless, bool):
+            raise ConfigError(f"crops.lossless: must be true or false, got {self.lossless!r}")
         if self.strategy not in CROP_STRATEGIES:
             raise ConfigError(f"crops.strategy: must be one of {list(CROP_STRATEGIES)}, got {self.strategy!r}")
         if self.max_size is not None and (
@@ -84,16 +105,16 @@ class CropRule:
             raise ConfigError(f"crops.max_size: must be null or an integer >= {MIN_MAX_SIZE}, got {self.max_size!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``{"strategy", "max_size"}``)."""
-        return {"strategy": self.strategy, "max_size": self.max_size}
+        """JSON-ready form (``{"strategy", "max_size", "lossless"}``)."""
+        return {"strategy": self.strategy, "max_size": self.max_size, "lossless": self.lossless}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str) -> CropRule:
         """Read the form :meth:`to_dict` writes; ``source`` names the file and field in the error."""
         try:
-            return cls(strategy=raw["strategy"], max_size=raw.get("max_size"))
+            return cls(strategy=raw["strategy"], max_size=raw.get("max_size"), lossless=raw.get("lossless", False))
         except (KeyError, TypeError, ConfigError) as err:
-            raise ConfigError(f"{source}: not a crop rule {{'strategy', 'max_size'}}: {err}") from err
+            raise ConfigError(f"{source}: not a crop rule {{'strategy', 'max_size', 'lossless'}}: {err}") from err
 
 
 # --- geometry (pure) -------------------------------------------------------------------------------------------
@@ -178,6 +199,39 @@ def crop_window(box: Box, image_size: tuple[int, int], strategy: str) -> CropWin
     left, cut_w = _square_span(x0, x1, side, width)
     top, cut_h = _square_span(y0, y1, side, height)
     return CropWindow(left, top, left + cut_w, top + cut_h, side, side, (side - cut_w) // 2, (side - cut_h) // 2)
+
+
+def align_to_grid(window: CropWindow, mcu: tuple[int, int]) -> CropWindow:
+    """``window`` grown left and up by less than one MCU (``mcu``: width, height) so its origin is on the MCU grid.
+
+    The right and bottom edges stay, so the crop still contains the box and stays inside the image; a square becomes
+    up to ``mcu - 1`` pixels wider or taller. Only for windows without padding (the cut is the whole canvas).
+    """
+    if window.padded:
+        raise ValueError(f"a padded crop window cannot be aligned to the MCU grid: {window}")
+    left, top = window.left - window.left % mcu[0], window.top - window.top % mcu[1]
+    width, height = window.right - left, window.bottom - top
+    return CropWindow(left, top, window.right, window.bottom, width, height, 0, 0)
+
+
+def plan_window(box: Box, full_size: tuple[int, int], rule: CropRule, mcu: tuple[int, int] | None) -> CropWindow:
+    """The crop of ``box`` under ``rule`` in an image whose header gives ``mcu`` (None: not cut losslessly).
+
+    Lossless rules align unpadded crops of such images to the grid (:func:`align_to_grid`); everything else is
+    :func:`crop_window`.
+
+    Raises:
+        CropError: see :func:`crop_window`.
+    """
+    window = crop_window(box, full_size, rule.strategy)
+    if not rule.lossless or mcu is None or window.padded:
+        return window
+    return align_to_grid(window, mcu)
+
+
+def cut_region(window: CropWindow) -> tuple[int, int, int, int]:
+    """``(x, y, width, height)`` of a window's cut rectangle: the region to cut losslessly."""
+    return window.left, window.top, window.width, window.height
 
 
 def output_size(window: CropWindow, max_size: int | None) -> tuple[int, int]:
@@ -331,6 +385,105 @@ def decode_scale(full_size: tuple[int, int], boxes: Sequence[Box], rule: CropRul
     return draft_reduction(planned)
 
 
+def render_cut(data: bytes, out_size: tuple[int, int]) -> np.ndarray:
+    """The ``RGBX`` pixels of a losslessly cut crop (JPEG ``data``), laid out at ``out_size``.
+
+    At full size this is the crop file's own decode (libjpeg-turbo's accurate IDCT and smooth upsampling, PIL's
+    pixels), which is what training reads; a capped crop is decoded at the DCT scale that still reaches ``out_size``
+    (so the cost follows the crop, not the photo), then shrunk as :func:`render` does.
+
+    Raises:
+        ImageLoadError: libjpeg-turbo wrote something it cannot read back (not expected).
+    """
+
+    def reduction(size: tuple[int, int]) -> int:
+        whole = CropWindow(0, 0, size[0], size[1], size[0], size[1], 0, 0)
+        return draft_reduction([(whole, out_size)])
+
+    decoded = decode_image("lossless crop", reduction, data)
+    width, height = decoded.full_size
+    whole = CropWindow(0, 0, width, height, width, height, 0, 0)
+    return render(decoded.pixels, whole, out_size, decoded.scale)
+
+
+@dataclass(frozen=True)
+class CropSource:
+    """One image ready to give the crops of its boxes: the header, the lossless cuts made, and the decoded image
+    for every other crop (None when all of them were cut).
+
+    Attributes:
+        header: the file and its header (:func:`~animl_lightning.core.imaging.read_header`).
+        rule: the crop rule.
+        cuts: JPEG bytes of each losslessly cut region, by :func:`cut_region`.
+        decoded: the image decoded as before lossless crops, when a crop needs it.
+    """
+
+    header: ImageHeader
+    rule: CropRule
+    cuts: Mapping[tuple[int, int, int, int], bytes]
+    decoded: DecodedImage | None
+
+    @property
+    def full_size(self) -> tuple[int, int]:
+        """Displayed (width, height) at full resolution."""
+        return self.header.full_size
+
+    def crop(self, box: Box) -> np.ndarray:
+        """The crop of ``box`` (pixels of the displayed full-resolution image) as ``RGBX``, as prepare made it.
+
+        Raises:
+            CropError: the box gives no crop.
+        """
+        window = plan_window(box, self.full_size, self.rule, self.header.mcu)
+        out = output_size(window, self.rule.max_size)
+        cut = self.cuts.get(cut_region(window))
+        if cut is not None:
+            return render_cut(cut, out)
+        decoded = self.decoded
+        if decoded is None:  # not expected: open_for_boxes decodes when a planned crop was not cut
+            decoded = decode_image("image", None, self.header.data)
+        return render(decoded.pixels, window, out, decoded.scale)
+
+
+def open_for_boxes(
+    path: Path | str,
+    boxes: Sequence[Box | None],
+    normalized: bool,
+    rule: CropRule,
+    data: bytes | None = None,
+    max_pixels: int | None = None,
+) -> CropSource:
+    """An image ready for the crops of ``boxes``, made as the crops stage makes them: lossless cuts where the rule,
+    the header and libturbojpeg allow, one decode (at the DCT scale the rest allow) for every other crop.
+
+    Raises:
+        ImageLoadError: see :func:`~animl_lightning.core.imaging.decode_image`.
+    """
+    header = read_header(path, data, max_pixels)
+    width, height = header.full_size
+    windows = []
+    for box in boxes:
+        try:
+            windows.append(
+                plan_window(box_in_pixels(box, normalized, width, height), header.full_size, rule, header.mcu)
+            )
+        except CropError:
+            continue
+    cuts: dict[tuple[int, int, int, int], bytes] = {}
+    if rule.lossless and header.mcu is not None and turbojpeg() is not None:
+        regions = list(dict.fromkeys(cut_region(w) for w in windows if not w.padded))
+        made = cut_jpeg(header.data, regions)
+        if made is not None:
+            cuts = dict(zip(regions, made, strict=True))
+    rest = [w for w in windows if cut_region(w) not in cuts]
+    decoded = None
+    if rest or not cuts:
+        planned = [(w, output_size(w, rule.max_size)) for w in rest]
+        reduction = (lambda _size: draft_reduction(planned)) if rule.max_size is not None else None
+        decoded = decode_image(path, reduction, header.data, max_pixels)
+    return CropSource(header, rule, cuts, decoded)
+
+
 def box_in_pixels(box: Box | None, normalized: bool, width: int, height: int) -> Box:
     """A box in absolute pixels ``(x, y, w, h)`` of a ``width`` x ``height`` image, clamped to it.
 
@@ -370,19 +523,22 @@ def decode_for_boxes(
 
 
 def model_input(
-    decoded: DecodedImage, box: Box | None, normalized: bool, rule: CropRule, transform: EvalTransform
+    source: CropSource | DecodedImage, box: Box | None, normalized: bool, rule: CropRule, transform: EvalTransform
 ) -> np.ndarray:
-    """The model input ``(3, H, W)`` float32 for one box of a decoded image: crop rule, then the eval transform.
+    """The model input ``(3, H, W)`` float32 for one box of an image: crop rule, then the eval transform.
 
     The one path from an image and a box to a tensor, shared by ``classify``, the ONNX server and the TorchServe
-    handler.
+    handler. ``source`` comes from :func:`open_for_boxes` (a bare decoded image gets the rule's crop without lossless
+    cuts).
 
     Raises:
         CropError: the box gives no crop.
     """
-    width, height = decoded.full_size
-    crop = crop_decoded(decoded, box_in_pixels(box, normalized, width, height), rule)
-    return transform(crop)
+    width, height = source.full_size
+    pixel_box = box_in_pixels(box, normalized, width, height)
+    if isinstance(source, CropSource):
+        return transform(source.crop(pixel_box))
+    return transform(crop_decoded(source, pixel_box, rule))
 
 
 def crop_image(image: Image.Image, box: Box, strategy: str, max_size: int | None) -> Image.Image:

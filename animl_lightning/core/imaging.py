@@ -11,13 +11,20 @@ path the orientation is a numpy view) and converted to RGB: grayscale, CMYK, pal
 Truncated files, non-images, missing files and images over PIL's decompression-bomb limit are refused with
 :class:`ImageLoadError`, never cropped half-grey.
 
+Lossless crops (:func:`lossless_grid`, :func:`cut_jpeg`): a baseline JPEG in stored orientation can have regions cut
+straight out of its compressed data with libjpeg-turbo's transform API (through PyTurboJPEG and the system's
+``libturbojpeg``), keeping its DCT coefficients and quantization tables: no decode, no second generation loss. A
+region's origin must sit on the photo's MCU grid, read from the header here.
+
 This module and :mod:`animl_lightning.core.crop_rule` import nothing of this project beyond :mod:`.errors`, so a
 deployment (the TorchServe handler, the ONNX server) ships these files as they are and crops exactly like training.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,9 +37,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from animl_lightning.core.errors import AnimlError
 
+log = logging.getLogger(__name__)
+
 _ORIENTATION_TAG = 0x0112
 # PIL modes of the JPEGs libjpeg-turbo decodes straight to RGB here (YCbCr/RGB and grayscale).
 _FAST_JPEG_MODES = frozenset({"RGB", "L"})
+# Luma sampling factors (h, v) of the colour JPEGs libjpeg-turbo 2.x transforms (chroma always 1x1): 4:4:4, 4:2:2,
+# 4:2:0, 4:4:0 and 4:1:1. The MCU is 8h x 8v pixels; a grayscale JPEG's is 8x8.
+_TRANSFORMABLE_SAMPLING = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1)})
 
 
 class ImageLoadError(AnimlError, ValueError):
@@ -288,6 +300,128 @@ def decode_image(
     finally:
         image.close()
     return DecodedImage(pixels, full_size, "pil")
+
+
+# --- lossless crops ------------------------------------------------------------------------------------------------
+
+# Why a file is not cut losslessly (the crops stage counts these): the fallback is decode and re-encode.
+NOT_JPEG, PROGRESSIVE, COLOUR_MODE, ROTATED, SAMPLING = "not_jpeg", "progressive", "colour_mode", "rotated", "sampling"
+
+
+def lossless_grid(image: Image.Image) -> tuple[tuple[int, int] | None, str]:
+    """The MCU (width, height) of an opened image whose regions can be cut losslessly, or None and the reason why not.
+
+    Baseline (or extended) YCbCr/RGB and grayscale JPEGs with a sampling libjpeg-turbo transforms, stored upright
+    (EXIF orientation 1: boxes are in displayed pixels, and a rotated photo's grid is elsewhere). Read from the header
+    alone, so prepare and every deployment choose the same geometry whether or not libturbojpeg is installed.
+    """
+    if image.format != "JPEG":
+        return None, NOT_JPEG
+    if image.info.get("progressive") or image.info.get("progression"):
+        return None, PROGRESSIVE
+    if image.mode not in _FAST_JPEG_MODES:
+        return None, COLOUR_MODE  # CMYK, YCCK
+    if _orientation(image) != 1:
+        return None, ROTATED
+    layer = getattr(image, "layer", None)
+    if image.mode == "L":
+        return ((8, 8), "") if layer is not None and len(layer) == 1 else (None, SAMPLING)
+    if layer is None or len(layer) != 3 or any((h, v) != (1, 1) for _, h, v, _ in layer[1:]):
+        return None, SAMPLING
+    luma = (layer[0][1], layer[0][2])
+    if luma not in _TRANSFORMABLE_SAMPLING:
+        return None, SAMPLING
+    return (8 * luma[0], 8 * luma[1]), ""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """An image's bytes and what its header says about cropping it.
+
+    Attributes:
+        data: the encoded file.
+        full_size: displayed (width, height).
+        mcu: the MCU (width, height) when regions can be cut losslessly (:func:`lossless_grid`), else None.
+        fallback: why not ("" when ``mcu`` is set).
+    """
+
+    data: bytes
+    full_size: tuple[int, int]
+    mcu: tuple[int, int] | None
+    fallback: str
+
+
+def read_header(path: Path | str, data: bytes | None = None, max_pixels: int | None = None) -> ImageHeader:
+    """Read an image file (or take ``data``) and parse its header only.
+
+    Raises:
+        ImageLoadError: missing, not an image, or over the decompression-bomb limit (``max_pixels``, default PIL's).
+    """
+    path = Path(path)
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as err:
+            raise ImageLoadError("missing_image", f"{path}: file not found") from err
+        except OSError as err:
+            raise ImageLoadError("unreadable_image", f"{path}: {err}") from err
+    image = _open(io.BytesIO(data), path, max_pixels)
+    try:
+        mcu, fallback = lossless_grid(image)
+        return ImageHeader(data, _displayed(image.size, _orientation(image)), mcu, fallback)
+    finally:
+        image.close()
+
+
+def _strict_turbojpeg(library: type) -> type:
+    class StrictTurboJPEG(library):  # type: ignore[misc,valid-type]
+        """PyTurboJPEG that raises on libjpeg's warnings (premature end of data, corrupt entropy data).
+
+        1.8 turns them into ``warnings.warn`` and returns the damaged result; catching that through the warnings
+        filters is not thread-safe (classify crops in threads), so the name-mangled reporter is overridden instead.
+        """
+
+        def _TurboJPEG__report_error(self, handle: object) -> None:  # noqa: N802 (PyTurboJPEG's private name)
+            raise OSError(self._TurboJPEG__get_error_string(handle))
+
+    return StrictTurboJPEG
+
+
+@functools.cache
+def turbojpeg() -> object | None:
+    """PyTurboJPEG bound to the system's libturbojpeg, or None (said once in the log) when either is missing."""
+    try:
+        # Optional: without it crops are decoded and encoded again, as before lossless crops.
+        from turbojpeg import TurboJPEG
+    except ImportError:
+        log.warning("PyTurboJPEG is not installed: crops are decoded and encoded again instead of cut losslessly")
+        return None
+    try:
+        library: object = _strict_turbojpeg(TurboJPEG)()
+    except (OSError, RuntimeError) as err:
+        log.warning(
+            "libturbojpeg cannot be loaded (%s): crops are decoded and encoded again instead of cut losslessly", err
+        )
+        return None
+    return library
+
+
+def cut_jpeg(data: bytes, regions: list[tuple[int, int, int, int]]) -> list[bytes] | None:
+    """JPEGs of ``regions`` (``x, y, width, height`` in stored pixels, origins on the MCU grid) cut losslessly from
+    ``data`` in one pass over the file; their DCT coefficients and quantization tables are the source's, and no
+    metadata is copied (the crops carry no EXIF orientation).
+
+    Returns None when libturbojpeg is missing or rejects the file, even for a warning: the caller then decodes it,
+    which decides whether it is damaged (see :func:`decode_image`).
+    """
+    library = turbojpeg()
+    if library is None or not regions:
+        return None if library is None else []
+    try:
+        cuts: list[bytes] = library.crop_multiple(data, regions, copynone=True)  # type: ignore[attr-defined]
+    except (OSError, ValueError):
+        return None
+    return cuts
 
 
 def load_image(path: Path) -> Image.Image:

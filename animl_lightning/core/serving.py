@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from animl_lightning.core.crop_rule import CropRule, EvalTransform, decode_for_boxes, model_input
+from animl_lightning.core.crop_rule import CropRule, EvalTransform, model_input, open_for_boxes
 from animl_lightning.core.errors import AnimlError
 
 BUNDLE_FILENAME = "bundle.json"
@@ -179,13 +179,13 @@ def request_probabilities(
         RequestError: the image cannot be decoded, or the box gives no crop (415 and 400).
     """
     try:
-        decoded = decode_for_boxes(
+        source = open_for_boxes(
             "request image", [request.box], True, crop_rule, data=request.image, max_pixels=MAX_REQUEST_PIXELS
         )
     except AnimlError as err:
         raise RequestError(f"field 'image' is not a readable image: {err}", status=415) from err
     try:
-        inputs = model_input(decoded, request.box, True, crop_rule, transform)
+        inputs = model_input(source, request.box, True, crop_rule, transform)
     except AnimlError as err:
         raise RequestError(f"field 'bbox' gives no crop of this image: {err}") from err
     probabilities: NDArray[np.float32] = np.asarray(predict(inputs[None]), dtype=np.float32)[0]

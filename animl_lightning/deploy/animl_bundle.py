@@ -449,7 +449,7 @@ def _write_into(
 
     serving = staging / "serving"
     _copy_sources(SERVER_SOURCES, serving)
-    packages = ("numpy", "pillow", "simplejpeg", "opencv-python-headless")
+    packages = ("numpy", "pillow", "simplejpeg", "opencv-python-headless", "PyTurboJPEG")
     atomic_write_text(serving / "requirements.txt", _requirements(*packages, "onnxruntime", "fastapi", "uvicorn"))
     atomic_write_text(staging / "requirements-torchserve.txt", _requirements(*packages))
     torch_version = torch.__version__.split("+")[0]
@@ -499,6 +499,9 @@ def _torchserve_dockerfile(model_id: str, torch_version: str) -> str:
 # torch must be the version the TorchScript was exported with ({torch_version}).
 FROM pytorch/torchserve:{TORCHSERVE_VERSION}-cpu
 USER root
+# libturbojpeg: lossless crops (crop_rule.lossless) cut the training crops' exact bytes (Ubuntu names it libturbojpeg).
+RUN apt-get update && (apt-get install -y --no-install-recommends libturbojpeg0 \
+    || apt-get install -y --no-install-recommends libturbojpeg) && rm -rf /var/lib/apt/lists/*
 COPY requirements-torchserve.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir "torch=={torch_version}" --index-url https://download.pytorch.org/whl/cpu \\
  && pip install --no-cache-dir -r /tmp/requirements.txt
@@ -522,6 +525,8 @@ def _onnx_dockerfile(int8: bool = False) -> str:
     )
     return f"""# The FastAPI + ONNX Runtime server of this folder (no torch in the image): /ping, /invocations on 8080.
 FROM python:3.11-slim
+# libturbojpeg: lossless crops (crop_rule.lossless) cut the training crops' exact bytes.
+RUN apt-get update && apt-get install -y --no-install-recommends libturbojpeg0 && rm -rf /var/lib/apt/lists/*
 COPY serving/requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt
 COPY serving/ /app/

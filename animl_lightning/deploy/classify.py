@@ -718,6 +718,7 @@ def run_metadata(loaded: LoadedClassifier, settings: ClassifySettings, backend: 
         "min_conf": settings.min_conf,
         "crop_strategy": loaded.crop_rule.strategy,
         "crop_max_size": loaded.crop_rule.max_size,
+        "crop_lossless": loaded.crop_rule.lossless,
     }
 
 

@@ -301,6 +301,7 @@ def sidecar(
         "crop_mode": pre.crop_mode,
         "crop_strategy": loaded.crop_rule.strategy,
         "crop_max_size": loaded.crop_rule.max_size,
+        "crop_lossless": loaded.crop_rule.lossless,
         "temperature": loaded.temperature,
         "dynamic_batch": True,
         "dynamic_size": dynamic_size,

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from animl_lightning.core.crop_rule import Box, CropRule, EvalTransform, decode_for_boxes, model_input
+from animl_lightning.core.crop_rule import Box, CropRule, CropSource, EvalTransform, model_input, open_for_boxes
 from animl_lightning.core.errors import ConfigError
-from animl_lightning.core.imaging import DecodedImage
 from animl_lightning.core.taxonomy import Taxonomy
 from animl_lightning.train.checkpointing import read_checkpoint
 from animl_lightning.train.classifier import CropClassifier
@@ -135,8 +134,8 @@ class CropRequests:
     """Compact, fork-friendly list of crops to make: image path, optional box, and the box's unit.
 
     Stored as numpy arrays (not a list of Python objects) so DataLoader workers do not copy the whole list through
-    reference-count writes on large jobs. The requests of one image must be consecutive: the image is decoded once,
-    at the DCT scale all its boxes allow.
+    reference-count writes on large jobs. The requests of one image must be consecutive: the image is read once
+    for all its boxes (lossless cuts in one pass, or one decode at the DCT scale all its boxes allow).
     """
 
     def __init__(self, paths: Sequence[str], boxes: NDArray[np.float64], normalized: NDArray[np.bool_]) -> None:
@@ -193,16 +192,16 @@ class DetectionCrops:
     def __len__(self) -> int:
         return len(self.requests)
 
-    def _image(self, index: int) -> DecodedImage:
+    def _image(self, index: int) -> CropSource:
         path = str(self.requests.paths[index])
-        cached: tuple[str, DecodedImage] | None = getattr(self._local, "cached", None)
+        cached: tuple[str, CropSource] | None = getattr(self._local, "cached", None)
         if cached is not None and cached[0] == path:
             return cached[1]
         self._local.cached = None
         normalized = bool(self.requests.normalized[index])
-        decoded = decode_for_boxes(path, self.requests.image_boxes(index), normalized, self.crop_rule)
-        self._local.cached = (path, decoded)
-        return decoded
+        source = open_for_boxes(path, self.requests.image_boxes(index), normalized, self.crop_rule)
+        self._local.cached = (path, source)
+        return source
 
     def __getitem__(self, index: int) -> tuple[NDArray[np.float32], int, str]:
         zeros = np.zeros(self.transform.input_size, dtype=np.float32)

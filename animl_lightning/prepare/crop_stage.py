@@ -29,22 +29,31 @@ from tqdm import tqdm
 from animl_lightning.core.crop_rule import (
     Box,
     CropError,
+    CropRule,
     CropWindow,
     crop_is_valid,
     crop_window,
+    cut_region,
     draft_reduction,
     encode_crop,
     output_size,
+    plan_window,
     render,
+    render_cut,
 )
 from animl_lightning.core.files import TMP_MARKER, UnsafePathError, remove_stale_temporaries, safe_join
-from animl_lightning.core.imaging import ImageLoadError, decode_image
+from animl_lightning.core.imaging import ImageLoadError, cut_jpeg, decode_image, read_header, turbojpeg
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import CropSettings
 
 log = logging.getLogger(__name__)
 
 STAGE = "crops"
+# Report counts of the crops written by each path when crops.lossless is on: cut losslessly, or decoded and encoded
+# again with the reason (FALLBACK_PREFIX + progressive, colour_mode, not_jpeg, rotated, sampling, padded,
+# library_missing, rejected).
+LOSSLESS = "lossless"
+FALLBACK_PREFIX = "lossless_fallback_"
 
 
 def _save_crop(data: bytes, path: Path) -> None:
@@ -91,6 +100,7 @@ class _Outcome:
     kind: str = ""
     message: str = ""
     file: str = ""
+    path: str = ""  # with crops.lossless, how a written crop was made: LOSSLESS or FALLBACK_PREFIX + reason
 
 
 def _plan(
@@ -107,6 +117,94 @@ def _plan(
     return planned
 
 
+def _rescaled(job: _ImageJob, full_size: tuple[int, int], out: list[_Outcome]) -> tuple[_CropJob, ...]:
+    """The job's boxes in pixels of the image as displayed, noting a size the CCT file got wrong."""
+    if job.recorded_size is None or job.recorded_size == full_size:
+        return job.crops
+    rx, ry = full_size[0] / job.recorded_size[0], full_size[1] / job.recorded_size[1]
+    out.append(
+        _Outcome(
+            -1,
+            "note",
+            "image_size_mismatch",
+            f"the CCT file gives {job.recorded_size[0]}x{job.recorded_size[1]} but the image is "
+            f"{full_size[0]}x{full_size[1]} as displayed; boxes are rescaled to it",
+            job.source,
+        )
+    )
+    return tuple(
+        _CropJob(c.row, (c.box[0] * rx, c.box[1] * ry, c.box[2] * rx, c.box[3] * ry), c.target) for c in job.crops
+    )
+
+
+def _crop_one_image_lossless(job: _ImageJob, rule: CropRule, quality: int, redo: bool) -> list[_Outcome]:
+    """:func:`_crop_one_image` under ``crops.lossless``: cut what the header allows, decode only for the rest.
+
+    Crops smaller than ``max_size`` are the cut bytes as they are; larger ones are cut, decoded at the DCT scale that
+    reaches the cap and encoded. The image is decoded whole only for the crops that fall back (see
+    :data:`FALLBACK_PREFIX`), and when libjpeg-turbo rejects the file, so that a damaged image is reported as before.
+    """
+    out: list[_Outcome] = []
+    try:
+        header = read_header(job.source)
+    except ImageLoadError as err:
+        return [_Outcome(c.row, "failed", err.kind, str(err)) for c in job.crops]
+    todo: list[tuple[_CropJob, CropWindow, tuple[int, int]]] = []
+    existed: set[int] = set()
+    for crop in _rescaled(job, header.full_size, out):
+        try:
+            window = plan_window(crop.box, header.full_size, rule, header.mcu)
+        except CropError as err:
+            out.append(_Outcome(crop.row, "failed", "degenerate_box", str(err)))
+            continue
+        size = output_size(window, rule.max_size)
+        target = Path(crop.target)
+        if target.exists():
+            if not redo and crop_is_valid(target, size):
+                out.append(_Outcome(crop.row, "skipped"))
+                continue
+            existed.add(crop.row)
+        todo.append((crop, window, size))
+    reason = header.fallback or ("library_missing" if turbojpeg() is None else "")
+    cut = [t for t in todo if not reason and not t[1].padded]
+    made = cut_jpeg(header.data, [cut_region(w) for _, w, _ in cut]) if cut else []
+    if made is None:
+        reason, cut, made = "rejected", [], []
+
+    def save(crop: _CropJob, data: bytes, path: str) -> None:
+        try:
+            _save_crop(data, Path(crop.target))
+        except OSError as err:
+            out.append(_Outcome(crop.row, "failed", "crop_failed", f"{crop.target}: {err}"))
+            return
+        out.append(_Outcome(crop.row, "redone" if crop.row in existed else "written", path=path))
+
+    for (crop, window, size), data in zip(cut, made, strict=True):
+        save(
+            crop,
+            data if size == (window.width, window.height) else encode_crop(render_cut(data, size), quality),
+            LOSSLESS,
+        )
+    rest = [t for t in todo if t not in cut]
+    if not rest:
+        return out
+    planned = [(w, s) for _, w, s in rest]
+    try:
+        decoded = decode_image(Path(job.source), lambda _size: draft_reduction(planned), header.data)
+    except ImageLoadError as err:
+        done = {o.row for o in out}
+        out.extend(_Outcome(c.row, "failed", err.kind, str(err)) for c in job.crops if c.row not in done)
+        return out
+    for crop, window, size in rest:
+        try:
+            data = encode_crop(render(decoded.pixels, window, size, decoded.scale), quality)
+        except ValueError as err:
+            out.append(_Outcome(crop.row, "failed", "crop_failed", f"{crop.target}: {err}"))
+            continue
+        save(crop, data, FALLBACK_PREFIX + (reason or "padded"))
+    return out
+
+
 def _crop_one_image(
     job: _ImageJob, strategy: str, max_size: int | None, quality: int, redo: bool = False
 ) -> list[_Outcome]:
@@ -121,22 +219,7 @@ def _crop_one_image(
     existed: set[int] = set()
 
     def choose(full_size: tuple[int, int]) -> int:
-        crops = job.crops
-        if job.recorded_size is not None and job.recorded_size != full_size:
-            rx, ry = full_size[0] / job.recorded_size[0], full_size[1] / job.recorded_size[1]
-            out.append(
-                _Outcome(
-                    -1,
-                    "note",
-                    "image_size_mismatch",
-                    f"the CCT file gives {job.recorded_size[0]}x{job.recorded_size[1]} but the image is "
-                    f"{full_size[0]}x{full_size[1]} as displayed; boxes are rescaled to it",
-                    job.source,
-                )
-            )
-            crops = tuple(
-                _CropJob(c.row, (c.box[0] * rx, c.box[1] * ry, c.box[2] * rx, c.box[3] * ry), c.target) for c in crops
-            )
+        crops = _rescaled(job, full_size, out)
         for crop, window, size in _plan(crops, full_size, strategy, max_size, out):
             target = Path(crop.target)
             if target.exists():
@@ -164,13 +247,22 @@ def _crop_one_image(
 
 
 def _crop_images(
-    jobs: Sequence[_ImageJob], strategy: str, max_size: int | None, quality: int, redo: bool = False
+    jobs: Sequence[_ImageJob],
+    strategy: str,
+    max_size: int | None,
+    quality: int,
+    redo: bool = False,
+    lossless: bool = False,
 ) -> list[_Outcome]:
     """Worker task: crop several images; one image's failure never stops the others."""
     outcomes: list[_Outcome] = []
+    rule = CropRule(strategy, max_size, lossless)
     for job in jobs:
         try:
-            outcomes.extend(_crop_one_image(job, strategy, max_size, quality, redo))
+            if lossless:
+                outcomes.extend(_crop_one_image_lossless(job, rule, quality, redo))
+            else:
+                outcomes.extend(_crop_one_image(job, strategy, max_size, quality, redo))
         except Exception as err:  # a bug or an odd file must cost one image, not the run
             done = {o.row for o in outcomes}
             outcomes.extend(
@@ -207,7 +299,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 def _run_pool(
     chunks: list[list[_ImageJob]],
     workers: int,
-    params: tuple[str, int | None, int, bool],
+    params: tuple[str, int | None, int, bool, bool],
     record: Callable[[list[_Outcome]], None],
     progress: tqdm[Any],
 ) -> list[list[_ImageJob]]:
@@ -296,8 +388,10 @@ def make_crops(
         boxes: the boxes table (``file_name``, ``crop_path``, ``x, y, w, h``, ``width``, ``height``).
         images_dir: folder holding ``<file_name>``.
         crops_dir: output folder.
-        settings: strategy, max_size, workers, JPEG quality.
-        report: receives the issues and the counts ``written``, ``redone``, ``skipped``, ``failed``.
+        settings: strategy, max_size, lossless, workers, JPEG quality.
+        report: receives the issues and the counts ``written``, ``redone``, ``skipped``, ``failed``; with
+            ``lossless``, also how many written crops were cut losslessly (``lossless``) and how many fell back, by
+            reason (``lossless_fallback_<reason>``).
         redo: write every crop again, also those already there (they were cut with other settings).
     """
     images_dir, crops_dir = Path(images_dir), Path(crops_dir)
@@ -314,9 +408,13 @@ def make_crops(
     report.count(STAGE, "failed", len(refused))
 
     workers = settings.resolved_workers
-    strategy, max_size, quality = settings.strategy, settings.max_size, settings.quality
+    strategy, max_size, quality, lossless = settings.strategy, settings.max_size, settings.quality, settings.lossless
+    if lossless and turbojpeg() is None:
+        # turbojpeg() has said why, once, in this process; each crop is counted as library_missing.
+        log.warning("crops.lossless: libturbojpeg is not available, so every crop is decoded and encoded again")
     file_of = {c.row: job.source for job in jobs for c in job.crops}
     counts = {"written": 0, "redone": 0, "skipped": 0, "failed": 0}
+    paths: dict[str, int] = {}
 
     def record(outcomes: list[_Outcome]) -> None:
         for outcome in outcomes:
@@ -335,16 +433,18 @@ def make_crops(
                 )
             else:
                 ok[outcome.row] = True
+                if outcome.path:
+                    paths[outcome.path] = paths.get(outcome.path, 0) + 1
 
     progress = tqdm(total=len(jobs), unit="img", desc="crops", disable=not sys.stderr.isatty())
     try:
         chunks = _chunks(jobs, workers)
         if workers == 1 or len(chunks) == 1:
             for chunk in chunks:
-                record(_crop_images(chunk, strategy, max_size, quality, redo))
+                record(_crop_images(chunk, strategy, max_size, quality, redo, lossless))
                 progress.update(len(chunk))
         else:
-            params = (strategy, max_size, quality, redo)
+            params = (strategy, max_size, quality, redo, lossless)
             lost = _run_pool(chunks, workers, params, record, progress)
             if lost:
                 # A worker died (killed for memory, or a decoder crashed on a hostile file) and took its pool's
@@ -365,6 +465,16 @@ def make_crops(
         progress.close()
     for name, value in counts.items():
         report.count(STAGE, name, value)
+    for name, value in sorted(paths.items()):
+        report.count(STAGE, name, value)
+    fallbacks = sum(v for k, v in paths.items() if k != LOSSLESS)
+    if fallbacks:
+        log.info(
+            "crops: %d cut losslessly, %d decoded and encoded again (%s)",
+            paths.get(LOSSLESS, 0),
+            fallbacks,
+            ", ".join(f"{k.removeprefix(FALLBACK_PREFIX)}: {v}" for k, v in sorted(paths.items()) if k != LOSSLESS),
+        )
     log.info(
         "crops: %d written, %d redone, %d already done, %d failed",
         *(counts[k] for k in ("written", "redone", "skipped", "failed")),

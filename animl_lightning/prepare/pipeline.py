@@ -46,7 +46,7 @@ from animl_lightning.core.megadetector import DetectionResults, load_detections
 from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, TaxonomyError, read_taxonomy
 from animl_lightning.prepare.boxes import collect_boxes
 from animl_lightning.prepare.config import PrepareSettings
-from animl_lightning.prepare.crop_stage import make_crops
+from animl_lightning.prepare.crop_stage import FALLBACK_PREFIX, LOSSLESS, make_crops
 from animl_lightning.prepare.dataset import build_dataset_frame, write_dataset_files
 from animl_lightning.prepare.demo import generate_demo_project
 from animl_lightning.prepare.detect import RESULTS_FILENAME, run_detect_stage
@@ -73,6 +73,9 @@ STAGES = ("ingest", "images", "detect", "boxes", "crops", "labels", "dataset", "
 STAGE_CROPS = "crops"
 # prepare_info.json: the crop settings the crops on disk were cut with (written when a crops stage finishes).
 CROPS_MADE_WITH_KEY = "crops_made_with"
+# prepare_info.json: how the last crops stage made its crops with crops.lossless (cut losslessly, or fallen back to
+# decode and encode, by reason: the crop stage's report counts).
+CROP_PATHS_KEY = "crop_paths"
 STAGE_FOLDERS = "folders"
 
 
@@ -156,6 +159,7 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         "strategy": settings.crops.strategy,
         "max_size": settings.crops.max_size,
         "quality": settings.crops.quality,
+        "lossless": settings.crops.lossless,
     }
     # What the crops on disk were cut with: recorded when a crops stage finishes (an interrupted redo keeps the old
     # record, so it is redone whole again); an older prepare_info.json has only the settings of its last run.
@@ -168,6 +172,7 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
         "detections_file": settings.detections_file,
         "crops": crop_settings,
         CROPS_MADE_WITH_KEY: crops_made_with,
+        CROP_PATHS_KEY: info.get(CROP_PATHS_KEY),
         "settings": dataclasses.asdict(settings),
         "stages": dict(previous),
     }
@@ -290,6 +295,8 @@ def _run_prepare(settings: PrepareSettings, output_dir: Path) -> PrepareSummary:
             # force=true, or other crop settings: crops already there were cut otherwise and are written again.
             redo = settings.force or bool(changed)
             boxes = make_crops(boxes, images_dir, crops_dir, settings.crops, report, redo=redo)
+            counts = report.counts.get(STAGE_CROPS, {})
+            info[CROP_PATHS_KEY] = {k: v for k, v in counts.items() if k == LOSSLESS or k.startswith(FALLBACK_PREFIX)}
         result.detail = f"{int(boxes['crop_ok'].sum())}/{len(boxes)} crops"
         if bool(boxes["crop_ok"].all()):
             # Only a complete crop stage may be skipped next time; failures are retried on every run.
@@ -418,6 +425,8 @@ def _changed_crop_settings(before: Any, now: dict[str, Any]) -> list[str]:
     """``crops.<key>: <old> -> <new>`` for each crop setting the crops on disk were not cut with."""
     if not isinstance(before, dict):
         return []
+    # Crops made before crops.lossless existed were decoded and encoded again: lossless=false.
+    before = {"lossless": False} | before
     return [f"crops.{key}: {before.get(key)} -> {value}" for key, value in now.items() if before.get(key) != value]
 
 

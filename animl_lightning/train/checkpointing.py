@@ -108,7 +108,12 @@ class CheckpointContents:
     @property
     def crop_rule(self) -> CropRule:
         """How the training crops were cut."""
-        return CropRule(str(self.hparams["crop_strategy"]), self.hparams.get("crop_max_size"))
+        # Checkpoints from before lossless crops have no crop_lossless: their crops were decoded and encoded again.
+        return CropRule(
+            str(self.hparams["crop_strategy"]),
+            self.hparams.get("crop_max_size"),
+            bool(self.hparams.get("crop_lossless", False)),
+        )
 
     @property
     def calibration(self) -> dict[str, Any] | None:

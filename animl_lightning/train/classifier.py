@@ -1,8 +1,8 @@
 """The crop classifier: any timm model, cross-entropy, and per-split metrics that also feed the label tables.
 
 The checkpoint's ``hyper_parameters`` hold only plain values (``class_names``, ``model_name``, ``data_config``,
-``crop_strategy``, ``crop_max_size``, ...), so it loads with ``weights_only=True`` and carries everything needed to
-rebuild the preprocessing for inference (see :meth:`CropClassifier.from_checkpoint`).
+``crop_strategy``, ``crop_max_size``, ``crop_lossless``, ...), so it loads with ``weights_only=True`` and carries
+everything needed to rebuild the preprocessing for inference (see :meth:`CropClassifier.from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ class CropClassifier(LightningModule):
         data_config: Mapping[str, Any] | None = None,
         crop_strategy: str = "square",
         crop_max_size: int | None = None,
+        crop_lossless: bool = False,
         drop_path_rate: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -161,6 +162,7 @@ class CropClassifier(LightningModule):
             data_config: preprocessing (timm data config keys); None = the model's own default config.
             crop_strategy: how ``prepare.py`` cut the crops (``prepare_info.json`` ``crops.strategy``).
             crop_max_size: the crops' maximum side (``crops.max_size``), or None.
+            crop_lossless: whether the crops were cut losslessly on the MCU grid (``crops.lossless``).
             drop_path_rate: stochastic depth rate of the network (timm's ``drop_path_rate``).
             mixup_alpha: mixup's Beta parameter (0 = off); with ``cutmix_alpha`` through timm's ``Mixup`` and its
                 soft-target cross-entropy.

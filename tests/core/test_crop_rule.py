@@ -231,7 +231,8 @@ def _row(
 
 def _run(tmp_path: Path, rows: list[dict[str, object]], **crop_settings: object) -> tuple[pd.DataFrame, PrepareReport]:
     report = PrepareReport()
-    settings_ = CropSettings(**{"workers": 1, **crop_settings})  # type: ignore[arg-type]
+    # Today's decode-and-encode path; tests/core/test_lossless_crops.py covers crops.lossless=true.
+    settings_ = CropSettings(**{"workers": 1, "lossless": False, **crop_settings})  # type: ignore[arg-type]
     result = make_crops(_boxes_frame(rows), tmp_path / "images", tmp_path / "crops", settings_, report)
     return result, report
 
