@@ -93,7 +93,7 @@ class CropSettings:
     max_size: int | None = None
     workers: int | None = None
     quality: int = 90
-    lossless: bool = True
+    lossless: bool = False
 
     @property
     def resolved_workers(self) -> int:

@@ -71,7 +71,7 @@ def _rows(file_name: str, boxes: list[tuple[float, float, float, float]]) -> pd.
 
 def _crops(tmp_path: Path, rows: pd.DataFrame, **settings: object) -> tuple[pd.DataFrame, PrepareReport]:
     report = PrepareReport()
-    crop_settings = CropSettings(**{"workers": 1, **settings})  # type: ignore[arg-type]
+    crop_settings = CropSettings(**{"workers": 1, "lossless": True, **settings})  # type: ignore[arg-type]
     return make_crops(rows, tmp_path / "images", tmp_path / "crops", crop_settings, report), report
 
 

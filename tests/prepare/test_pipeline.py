@@ -54,17 +54,13 @@ def test_demo_project_end_to_end(tmp_path: Path) -> None:
     assert per_location.max() == 1
     with Image.open(prepared.crops_dir / prepared.frame["path"].iloc[0]) as crop:
         assert crop.mode == "RGB"
-        # default crops.strategy=square and crops.lossless=true: the square grown left/up onto the MCU grid (< 16 px)
-        assert 0 <= abs(crop.width - crop.height) < 16
+        # default crops.strategy=square, crops.lossless=false: the strategy's exact square
+        assert crop.width == crop.height
 
     report = json.loads((out / REPORT_FILENAME).read_text())
     assert report["counts"]
     info = json.loads((out / INFO_FILENAME).read_text())
-    assert info["crops"]["strategy"] == "square" and info["crops"]["lossless"] is True
-    # Every crop is counted, in the report and in prepare_info.json, as cut losslessly or fallen back.
-    paths = info["crop_paths"]
-    assert paths == {k: v for k, v in report["counts"]["crops"].items() if k.startswith("lossless")}
-    assert paths.get("lossless", 0) > 0 and sum(paths.values()) == report["counts"]["crops"]["written"]
+    assert info["crops"]["strategy"] == "square" and info["crops"]["lossless"] is False
     assert set(info["stages"]) >= {"images", "crops", "dataset", "splits"}
     assert (out / SPLIT_REPORT_FILENAME).is_file()
     text = format_summary(summary)
@@ -121,11 +117,16 @@ def test_changed_crop_settings_make_every_crop_again(tmp_path: Path) -> None:
     assert {s.name: s.status for s in third.stages}["crops"].startswith("skipped")
 
     # Turning lossless crops on changes the crops (their geometry too): every one is made again, and counted.
-    fourth = _run(f"output_dir={out}", "crops.workers=1", "crops.quality=50", *SMALL_DEMO)
+    fourth = _run(f"output_dir={out}", "crops.workers=1", "crops.lossless=true", "crops.quality=50", *SMALL_DEMO)
     assert [i.message for i in fourth.report.issues_of("crops", "crop_settings_changed")] == [
         "every crop is made again: crops.lossless: False -> True"
     ]
     assert fourth.report.counts["crops"]["redone"] == len(before)
+    # Every crop is counted, in the report and in prepare_info.json, as cut losslessly or fallen back.
+    report = json.loads((out / REPORT_FILENAME).read_text())
+    paths = json.loads((out / INFO_FILENAME).read_text())["crop_paths"]
+    assert paths == {k: v for k, v in report["counts"]["crops"].items() if k.startswith("lossless")}
+    assert paths.get("lossless", 0) > 0 and sum(paths.values()) == report["counts"]["crops"]["redone"]
 
 
 def test_same_seed_gives_byte_identical_outputs(tmp_path: Path) -> None:
