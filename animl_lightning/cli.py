@@ -4,7 +4,8 @@
 config from :data:`CONFIG_DIR` and run their work through :func:`run_command`, which turns the project's errors
 (:class:`~animl_lightning.core.errors.AnimlError`), configuration mistakes Hydra reports while instantiating, and
 environment failures (a full disk, a folder that is a file, no permission) into one line on stderr with exit status
-2, and Ctrl-C into ``interrupted; run the same command to resume`` with status 130. Anything else is a bug and keeps
+2, and Ctrl-C into ``interrupted; run the same command to resume`` (or the stage's own count of what was done,
+:class:`~animl_lightning.core.errors.InterruptedWork`) with status 130. Anything else is a bug and keeps
 its traceback.
 
 In a sweep (``-m``) a failed job must not end the sweep: :func:`run_command` then logs the error, records the job
@@ -43,7 +44,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import MissingMandatoryValue
 
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import AnimlError, ConfigError, InterruptedWork
 from animl_lightning.core.files import atomic_write_text
 from animl_lightning.train.sweeps import write_failed_run
 
@@ -169,6 +170,9 @@ def run_command(
     quiet_library_noise()
     try:
         return task()
+    except InterruptedWork as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         print(f"{command}: {resume_hint() if resume_hint else INTERRUPTED_MESSAGE}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

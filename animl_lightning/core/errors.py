@@ -13,6 +13,10 @@ class AnimlError(Exception):
     """Base of every error raised for bad input; the message names the file, record and field (or the setting)."""
 
 
+class InterruptedWork(KeyboardInterrupt):
+    """Ctrl-C, honoured where the work could stop cleanly; the message says what was done and how to resume."""
+
+
 class ConfigError(AnimlError, ValueError):
     """A setting is missing or out of range; the message names the key as it is written on the command line."""
 

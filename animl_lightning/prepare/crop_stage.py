@@ -3,19 +3,25 @@
 The pixels come from the crop rule (:mod:`animl_lightning.core.crop_rule`); this module plans the work per image,
 skips crops that are already there and valid (so a re-run after a crash only does what is missing), writes each crop
 atomically, and reports every box that gives no crop.
+
+Ctrl-C stops the stage after the image each process is on (a second Ctrl-C at once): the crops written so far are
+kept and counted, and :class:`~animl_lightning.core.errors.InterruptedWork` says how many, so the same command resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,7 @@ from animl_lightning.core.crop_rule import (
     render,
     render_cut,
 )
+from animl_lightning.core.errors import InterruptedWork
 from animl_lightning.core.files import TMP_MARKER, UnsafePathError, remove_stale_temporaries, safe_join
 from animl_lightning.core.imaging import ImageLoadError, cut_jpeg, decode_image, read_header, turbojpeg
 from animl_lightning.core.issues import PrepareReport
@@ -54,6 +61,13 @@ STAGE = "crops"
 # library_missing, rejected).
 LOSSLESS = "lossless"
 FALLBACK_PREFIX = "lossless_fallback_"
+# Chunks queued or running per worker: enough to keep every worker busy, few enough that nothing long is left to
+# drain when the stage stops.
+_IN_FLIGHT_PER_WORKER = 2
+
+# The stop request of the running crop stage, in every process: a byte in shared memory, so that the Ctrl-C handler
+# only stores a value (taking a lock in a signal handler can deadlock) and a worker reads it between images.
+_stop_requested: ctypes.c_bool | None = None
 
 
 def _save_crop(data: bytes, path: Path) -> None:
@@ -258,6 +272,8 @@ def _crop_images(
     outcomes: list[_Outcome] = []
     rule = CropRule(strategy, max_size, lossless)
     for job in jobs:
+        if _stop_requested is not None and _stop_requested.value:
+            break  # the images not started are left for the next run
         try:
             if lossless:
                 outcomes.extend(_crop_one_image_lossless(job, rule, quality, redo))
@@ -273,10 +289,38 @@ def _crop_images(
     return outcomes
 
 
-def _worker_init(max_image_pixels: int | None) -> None:
+def _worker_init(max_image_pixels: int | None, stop: ctypes.c_bool) -> None:
+    global _stop_requested
     # Children must refuse truncated files and enforce the parent's bomb limit whatever a library set before.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     Image.MAX_IMAGE_PIXELS = max_image_pixels
+    # A terminal sends Ctrl-C to every process of the group. Only the main process acts on it, through ``stop``: a
+    # worker that raised would die (breaking the pool) or hand its next task an interrupt instead of a result.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_requested = stop
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[ctypes.c_bool]:
+    """Turn the first Ctrl-C into a stop request that every crop process sees; a second one interrupts at once."""
+    global _stop_requested
+    stop = multiprocessing.RawValue(ctypes.c_bool, False)
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.value = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    try:
+        previous = signal.signal(signal.SIGINT, request_stop)
+    except ValueError:  # not the main thread, where Python delivers signals: no Ctrl-C to handle here
+        previous = None
+    _stop_requested = stop
+    try:
+        yield stop
+    finally:
+        _stop_requested = None
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -302,30 +346,51 @@ def _run_pool(
     params: tuple[str, int | None, int, bool, bool],
     record: Callable[[list[_Outcome]], None],
     progress: tqdm[Any],
+    stop: ctypes.c_bool,
 ) -> list[list[_ImageJob]]:
-    """Run ``chunks`` in a process pool; return the chunks lost to a dead worker (a broken pool)."""
+    """Run ``chunks`` in a process pool; return the chunks lost to a dead worker (a broken pool).
+
+    Chunks are submitted as results come back, so that a stop request leaves only the running ones to finish (each
+    after its current image); the chunks never submitted are not lost, only left for the next run.
+    """
     lost: list[list[_ImageJob]] = []
+    pool_workers = max(1, min(workers, len(chunks)))
     with ProcessPoolExecutor(
-        max_workers=max(1, min(workers, len(chunks))),
+        max_workers=pool_workers,
         mp_context=_pool_context(),
         initializer=_worker_init,
-        initargs=(Image.MAX_IMAGE_PIXELS,),
+        initargs=(Image.MAX_IMAGE_PIXELS, stop),
     ) as pool:
-        futures = {}
-        for position, chunk in enumerate(chunks):
-            try:
-                futures[pool.submit(_crop_images, chunk, *params)] = chunk
-            except BrokenProcessPool:  # a worker already died: nothing more can be submitted to this pool
-                lost.extend(chunks[position:])
-                break
-        for future in as_completed(futures):
-            try:
-                outcomes = future.result()
-            except BrokenProcessPool:
-                lost.append(futures[future])
-                continue
-            record(outcomes)
-            progress.update(len(futures[future]))
+        try:
+            in_flight: dict[Future[list[_Outcome]], list[_ImageJob]] = {}
+            position = 0
+            while True:
+                while position < len(chunks) and len(in_flight) < pool_workers * _IN_FLIGHT_PER_WORKER:
+                    if stop.value:
+                        break
+                    try:
+                        in_flight[pool.submit(_crop_images, chunks[position], *params)] = chunks[position]
+                    except BrokenProcessPool:  # a worker already died: nothing more can be submitted to this pool
+                        lost.extend(chunks[position:])
+                        position = len(chunks)
+                        break
+                    position += 1
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    chunk = in_flight.pop(future)
+                    try:
+                        outcomes = future.result()
+                    except BrokenProcessPool:
+                        lost.append(chunk)
+                        continue
+                    record(outcomes)
+                    progress.update(len(chunk))
+        except BaseException:
+            # A second Ctrl-C (or a bug): queued chunks must not run while the pool is closed.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return lost
 
 
@@ -437,32 +502,37 @@ def make_crops(
                     paths[outcome.path] = paths.get(outcome.path, 0) + 1
 
     progress = tqdm(total=len(jobs), unit="img", desc="crops", disable=not sys.stderr.isatty())
-    try:
-        chunks = _chunks(jobs, workers)
-        if workers == 1 or len(chunks) == 1:
-            for chunk in chunks:
-                record(_crop_images(chunk, strategy, max_size, quality, redo, lossless))
-                progress.update(len(chunk))
-        else:
-            params = (strategy, max_size, quality, redo, lossless)
-            lost = _run_pool(chunks, workers, params, record, progress)
-            if lost:
-                # A worker died (killed for memory, or a decoder crashed on a hostile file) and took its pool's
-                # pending tasks with it: retry those images one per task, then any still dying each in a fresh
-                # single-worker pool, so that only the culprit is lost.
-                log.warning("a crop worker died; retrying %d images", sum(len(c) for c in lost))
-                lost = _run_pool([[job] for chunk in lost for job in chunk], workers, params, record, progress)
-            for chunk in lost:
-                if _run_pool([chunk], 1, params, record, progress):
-                    record(
-                        [
-                            _Outcome(c.row, "failed", "worker_crashed", f"{job.source}: the crop worker died on it")
-                            for job in chunk
-                            for c in job.crops
-                        ]
+    with _stop_on_interrupt() as stop:
+        try:
+            chunks = _chunks(jobs, workers)
+            if workers == 1 or len(chunks) == 1:
+                for chunk in chunks:
+                    record(_crop_images(chunk, strategy, max_size, quality, redo, lossless))
+                    progress.update(len(chunk))
+                    if stop.value:
+                        break
+            else:
+                params = (strategy, max_size, quality, redo, lossless)
+                lost = _run_pool(chunks, workers, params, record, progress, stop)
+                if lost and not stop.value:
+                    # A worker died (killed for memory, or a decoder crashed on a hostile file) and took its pool's
+                    # pending tasks with it: retry those images one per task, then any still dying each in a fresh
+                    # single-worker pool, so that only the culprit is lost.
+                    log.warning("a crop worker died; retrying %d images", sum(len(c) for c in lost))
+                    lost = _run_pool(
+                        [[job] for chunk in lost for job in chunk], workers, params, record, progress, stop
                     )
-    finally:
-        progress.close()
+                for chunk in lost:  # empty once stopped: nothing is submitted after a stop request
+                    if _run_pool([chunk], 1, params, record, progress, stop):
+                        record(
+                            [
+                                _Outcome(c.row, "failed", "worker_crashed", f"{job.source}: the crop worker died on it")
+                                for job in chunk
+                                for c in job.crops
+                            ]
+                        )
+        finally:
+            progress.close()
     for name, value in counts.items():
         report.count(STAGE, name, value)
     for name, value in sorted(paths.items()):
@@ -474,6 +544,12 @@ def make_crops(
             paths.get(LOSSLESS, 0),
             fallbacks,
             ", ".join(f"{k.removeprefix(FALLBACK_PREFIX)}: {v}" for k, v in sorted(paths.items()) if k != LOSSLESS),
+        )
+    if stop.value:
+        # Crops an earlier run wrote for images this one did not reach are there too.
+        present = int(ok.sum()) + sum(Path(c.target).is_file() for job in jobs for c in job.crops if not ok[c.row])
+        raise InterruptedWork(
+            f"interrupted: {present} of {len(boxes)} crops written; run the same command again to resume"
         )
     log.info(
         "crops: %d written, %d redone, %d already done, %d failed",
