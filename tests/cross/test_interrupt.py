@@ -158,8 +158,8 @@ def test_ctrl_c_in_the_crop_stage_stops_at_once_and_resumes(big_demo: tuple[Path
     # Ctrl-C in a terminal: the main process and both crop workers get SIGINT
     stderr, to_message, to_exit = interrupt(args(resumed), resumed, whole_group=True)
     first = assert_clean_stop(stderr, to_message, to_exit, resumed, total)
-    # the work left after the stop was real: the whole run takes far longer than the stop did
-    assert uninterrupted_s > 2 * STOP_WITHIN_S, uninterrupted_s
+    # the stop came while work was left: crops were still missing when the command returned
+    assert first < total, (first, total, uninterrupted_s)
 
     # kill -INT to the main process only, in the single-process path: the workers never see the signal there
     stderr, to_message, to_exit = interrupt(args(resumed, "crops.workers=1"), resumed, whole_group=False)
