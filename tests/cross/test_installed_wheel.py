@@ -87,6 +87,18 @@ def test_wheel_installed_elsewhere_builds_and_trains_the_demo(tmp_path: Path) ->
     assert module_file.resolve().is_relative_to(venv.resolve()), module_file
     assert config_dir.resolve() == module_file.resolve().parent / "configs"
 
+    # The configs are a package too: Hydra composes them by module (a notebook's way in), here from the wheel.
+    compose = (
+        "from hydra import compose, initialize_config_module\n"
+        "with initialize_config_module('animl_lightning.configs', version_base='1.3'):\n"
+        "    cfg = compose('train', overrides=['experiment=demo'])\n"
+        "import animl_lightning.configs\n"
+        "print(cfg.task_name, cfg.model.model_name, animl_lightning.configs.__file__)\n"
+    )
+    task_name, model_name, package_file = run([str(python), "-c", compose], user, env).stdout.split()
+    assert (task_name, model_name) == ("demo", "test_efficientnet")
+    assert Path(package_file).resolve().parent == config_dir.resolve()
+
     for script in ("animl-prepare", "animl-train", "animl-classify", "animl-export", "animl-report", "animl-review"):
         assert (bin_dir / script).is_file(), script
 
