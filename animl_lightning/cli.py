@@ -1,12 +1,12 @@
 """The Hydra edge shared by every command: where the configs are, one-line errors, and Hydra-specific plumbing.
 
-``prepare.py``, ``train.py`` and ``python -m animl_lightning.{classify,export,serve,report,review}`` compose their
-config from :data:`CONFIG_DIR` and run their work through :func:`run_command`, which turns the project's errors
-(:class:`~animl_lightning.core.errors.AnimlError`), configuration mistakes Hydra reports while instantiating, and
-environment failures (a full disk, a folder that is a file, no permission) into one line on stderr with exit status
-2, and Ctrl-C into ``interrupted; run the same command to resume`` (or the stage's own count of what was done,
-:class:`~animl_lightning.core.errors.InterruptedWork`) with status 130. Anything else is a bug and keeps
-its traceback.
+``prepare.py``, ``train.py``, ``python -m animl_lightning.{classify,export,serve,report,review}`` and the
+``animl-*`` console commands compose their config from :data:`CONFIG_DIR` and run their work through
+:func:`run_command`, which turns the project's errors (:class:`~animl_lightning.core.errors.AnimlError`),
+configuration mistakes Hydra reports while instantiating, and environment failures (a full disk, a folder that is a
+file, no permission) into one line on stderr with exit status 2, and Ctrl-C into ``interrupted; run the same command
+to resume`` (or the stage's own count of what was done, :class:`~animl_lightning.core.errors.InterruptedWork`) with
+status 130. Anything else is a bug and keeps its traceback.
 
 In a sweep (``-m``) a failed job must not end the sweep: :func:`run_command` then logs the error, records the job
 as failed in its ``results.json`` and returns None, so Hydra runs the next job; the sweep summary lists the job as
@@ -50,9 +50,23 @@ from animl_lightning.train.sweeps import write_failed_run
 
 log = logging.getLogger(__name__)
 
-# The repository's configs/ folder: every command composes from here (the package is installed editable from the
-# checkout, which is how the README installs it).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def find_config_dir(package_dir: Path) -> Path:
+    """The folder of configs every command composes, for the package at ``package_dir``.
+
+    A checkout keeps ``configs/`` at its top, next to the package, and the wheel ships the same files inside the
+    package as ``animl_lightning.configs`` (pyproject.toml's ``package-dir``). An installed wheel therefore finds
+    them in the package, and a checkout (an editable install, or run with ``PYTHONPATH``) next to it. These two
+    folders are looked at rather than ``import animl_lightning.configs``: with a checkout on ``PYTHONPATH``, an
+    editable install of another checkout would answer that import with the other checkout's configs.
+    """
+    shipped = package_dir / "configs"
+    if (shipped / "train.yaml").is_file():
+        return shipped
+    return package_dir.parent / "configs"
+
+
+CONFIG_DIR = find_config_dir(Path(__file__).resolve().parent)
 INTERRUPTED_MESSAGE = "interrupted; run the same command to resume"
 EXIT_ERROR = 2
 # Where a run folder keeps the config it ran with (Hydra's default hydra.output_subdir; report.html reads it).
@@ -153,6 +167,15 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def console_command() -> str | None:
+    """The console command (``animl-train``, ...) this process was started as, else None.
+
+    Its error lines then begin with the name the user typed rather than the script's (``train.py``).
+    """
+    started_as = Path(sys.argv[0]).name if sys.argv else ""
+    return started_as if started_as.startswith("animl-") else None
+
+
 def run_command(
     task: Callable[[], T],
     command: str,
@@ -163,11 +186,13 @@ def run_command(
 
     Args:
         task: the work.
-        command: the command's name, first word of every error line (``train.py``, ``classify``, ...).
+        command: the command's name, first word of every error line (``train.py``, ``classify``, ...), unless the
+            process was started as a console command (:func:`console_command`).
         output_dir: the job's folder, where a failed sweep job records its failure.
         resume_hint: what to say after Ctrl-C when running the same command again is not how to resume.
     """
     quiet_library_noise()
+    command = console_command() or command
     try:
         return task()
     except InterruptedWork as err:

@@ -8,6 +8,7 @@ Settings: ``configs/review.yaml``. The Hydra edge only: the review is
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -16,8 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 from animl_lightning.cli import CONFIG_DIR, run_command
 from animl_lightning.core.errors import ConfigError
 
-# train.py of the checkout the configs come from: the folds are fits of it (the package is installed editable).
-TRAIN_SCRIPT = CONFIG_DIR.parent / "train.py"
+# The folds are fits of this package's train command. A checkout's train.py imports the package next to it (an
+# editable install of another checkout would answer `-m`); an installed package has only its module.
+_CHECKOUT_TRAIN = CONFIG_DIR.parent / "train.py"
+TRAIN_COMMAND = (
+    (sys.executable, str(_CHECKOUT_TRAIN))
+    if CONFIG_DIR.parent != Path(__file__).resolve().parent and _CHECKOUT_TRAIN.is_file()
+    else (sys.executable, "-m", "animl_lightning.train_command")
+)
 
 
 def review(cfg: DictConfig) -> None:
@@ -37,9 +44,7 @@ def review(cfg: DictConfig) -> None:
     if settings.folds is not None:
         from animl_lightning.train.review_folds import score_train_crops
 
-        train_frames = {
-            "train": score_train_crops(run, settings.folds, settings.fold_seed, [sys.executable, str(TRAIN_SCRIPT)])
-        }
+        train_frames = {"train": score_train_crops(run, settings.folds, settings.fold_seed, TRAIN_COMMAND)}
     result = review_run(run.run_dir, settings, train_frames, run)
     print(result.per_split.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {result.folder}: {result.issues} likely label errors, {result.uncertain} uncertain crops")

@@ -208,7 +208,7 @@ def align_to_grid(window: CropWindow, mcu: tuple[int, int]) -> CropWindow:
     up to ``mcu - 1`` pixels wider or taller. Only for windows without padding (the cut is the whole canvas).
     """
     if window.padded:
-        raise ValueError(f"a padded crop window cannot be aligned to the MCU grid: {window}")
+        raise CropError(f"a padded crop window cannot be aligned to the MCU grid: {window}")
     left, top = window.left - window.left % mcu[0], window.top - window.top % mcu[1]
     width, height = window.right - left, window.bottom - top
     return CropWindow(left, top, window.right, window.bottom, width, height, 0, 0)

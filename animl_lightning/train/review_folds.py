@@ -160,6 +160,8 @@ def fold_command(
         "config",
         _override("data_dir", fold_data.resolve()),
         _override("hydra.run.dir", fold_run.resolve()),
+        # the saved config has no hydra node: the fold's log is train.log as in a run (configs/hydra/default.yaml)
+        "hydra.job.name=train",
         "++train=true",
         "++test=true",
         _override("ckpt_path", resume.resolve()) if resume is not None else "++ckpt_path=null",
@@ -262,7 +264,7 @@ def score_train_crops(
         run: the run (its predictions, record and dataset).
         folds: K.
         seed: tie-break of :func:`assign_folds`.
-        train_command: how to start ``train.py`` (``[python, path/to/train.py]``).
+        train_command: how to start ``train.py`` (``[python, -m, animl_lightning.train_command]``).
         launch: runs one fold's command (tests replace it to stop between folds).
     """
     read_run_config(run.run_dir)

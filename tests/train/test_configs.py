@@ -11,9 +11,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig
 
-import train as train_script
+from animl_lightning.cli import instantiate_named
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.datamodule import CropDataModule
+from animl_lightning.train.run import resolve_precision
 from animl_lightning.train.tables import MetricTables
 from tests.fixtures.hydra import CONFIG_DIR, compose_train
 
@@ -129,7 +130,7 @@ def test_trainer_options_instantiate(tmp_path: Path, trainer: str) -> None:
     if trainer == "ddp":
         assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == ("ddp", 2, 1)
         assert cfg.trainer.sync_batchnorm is True
-    precision = train_script.resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     instance = instantiate(cfg.trainer, precision=precision, logger=False)
     assert isinstance(instance, lightning.Trainer)
 
@@ -137,7 +138,7 @@ def test_trainer_options_instantiate(tmp_path: Path, trainer: str) -> None:
 @pytest.mark.parametrize("logger", options("logger"))
 def test_logger_options_instantiate(tmp_path: Path, logger: str) -> None:
     cfg = compose(tmp_path, f"logger={logger}")
-    loggers = train_script.instantiate_named(cfg.get("logger"), "logger")
+    loggers = instantiate_named(cfg.get("logger"), "logger")
     assert len(loggers) == (0 if logger == "none" else 1)
     for instance in loggers:
         assert str(tmp_path / "out") in str(instance.save_dir)
@@ -145,7 +146,7 @@ def test_logger_options_instantiate(tmp_path: Path, logger: str) -> None:
 
 def test_callbacks_and_data_instantiate(tmp_path: Path) -> None:
     cfg = compose(tmp_path, "callbacks.early_stopping.patience=3")
-    callbacks = train_script.instantiate_named(cfg.callbacks, "callbacks")
+    callbacks = instantiate_named(cfg.callbacks, "callbacks")
     kinds = {type(c).__name__ for c in callbacks}
     assert {"BestCheckpoint", "LastCheckpoint", "EarlyStopping", "LearningRateMonitor", "MetricTables"} <= kinds
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))

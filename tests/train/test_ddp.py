@@ -17,6 +17,7 @@ from torch.utils.data import DistributedSampler
 import train as train_script
 from animl_lightning.train.classifier import RNG_STATES_KEY, RNG_STATES_PER_RANK_KEY, rng_states_to_restore
 from animl_lightning.train.datamodule import CropDataModule
+from animl_lightning.train.run import resolve_precision, resolve_sync_batchnorm
 from animl_lightning.train.sampling import DistributedWeightedSampler, UnpaddedDistributedSampler
 from animl_lightning.train.sweeps import SUMMARY_FILENAME
 from tests.fixtures.datasets import make_prepared_dataset, squash_every_other_crop
@@ -77,10 +78,10 @@ def test_weighted_sampler_validates_weights() -> None:
 
 
 def test_sync_batchnorm_only_on_cuda() -> None:
-    assert train_script.resolve_sync_batchnorm(True, "cpu") is False
-    assert train_script.resolve_sync_batchnorm(False, "gpu") is False
-    assert train_script.resolve_sync_batchnorm(True, "gpu") is True
-    assert train_script.resolve_sync_batchnorm(True, "auto") is torch.cuda.is_available()
+    assert resolve_sync_batchnorm(True, "cpu") is False
+    assert resolve_sync_batchnorm(False, "gpu") is False
+    assert resolve_sync_batchnorm(True, "gpu") is True
+    assert resolve_sync_batchnorm(True, "auto") is torch.cuda.is_available()
 
 
 def test_ddp_trainer_config_composes(tmp_path: Path) -> None:
@@ -92,8 +93,8 @@ def test_ddp_trainer_config_composes(tmp_path: Path) -> None:
     trainer = instantiate(
         cfg.trainer,
         accelerator="cpu",
-        precision=train_script.resolve_precision(cfg.trainer.precision, "cpu"),
-        sync_batchnorm=train_script.resolve_sync_batchnorm(cfg.trainer.sync_batchnorm, "cpu"),
+        precision=resolve_precision(cfg.trainer.precision, "cpu"),
+        sync_batchnorm=resolve_sync_batchnorm(cfg.trainer.sync_batchnorm, "cpu"),
         logger=False,
         callbacks=[],
     )
