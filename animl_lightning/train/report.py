@@ -380,11 +380,12 @@ def label_review_section(
                 continue
             mine = issues[issues["split"] == split]
             before, after = relabelled_tables(predictions[split], mine, labels, split)
-            away = mine["given_label"].value_counts()
+            away, to = mine["given_label"].value_counts(), mine["suggested_label"].value_counts()
             table = pd.DataFrame(
                 {
                     "label": before["label"],
                     "crops relabelled away": [int(away.get(label, 0)) for label in before["label"]],
+                    "crops relabelled to it": [int(to.get(label, 0)) for label in before["label"]],
                     "true count": [_change(b, a) for b, a in zip(before["support"], after["support"], strict=True)],
                     "precision": [_change(b, a) for b, a in zip(before["precision"], after["precision"], strict=True)],
                     "recall": [_change(b, a) for b, a in zip(before["recall"], after["recall"], strict=True)],
