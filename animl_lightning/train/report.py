@@ -6,7 +6,15 @@ Built from what the run folder already holds (``metrics/*.csv``, ``history.csv``
 (model, input size, data, intended use, known limits, command, config, package versions), dataset, training
 curves, results at every level the run has (crop, image, sequence, taxonomy ranks), confusion matrices,
 calibration (reliability diagram, ECE before and after), thresholds and coverage, per-location results, error
-galleries.
+galleries, and the label review (``review/label_issues.csv`` of ``python -m animl_lightning.review``, when run).
+
+Written for a reader who did not train the model, at a laptop's 1280 px: one sentence at the top says which labels
+the model may apply on its own and the share of crops that covers (:func:`automation_sentence`); column headers are
+words (:data:`COLUMN_TITLES`), the crop rule is a sentence, the header names the run folder, not a path of the
+machine that trained it; the 18 columns of ``thresholds.csv`` are two tables; galleries are shown at their own size
+so their captions stay readable; a reliability point averages equally many crops, at least
+:data:`RELIABILITY_CROPS_PER_BIN` where the split has enough (:func:`reliability_points`), and the page says how
+many it had.
 
 The page is one file: images are embedded as base64 PNG, there is no script, and long tables fold into HTML's own
 ``<details>`` (readable without JavaScript, mailable, offline). With many labels it stays light: tables of more

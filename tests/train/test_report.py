@@ -249,3 +249,19 @@ def test_a_run_with_200_labels_stays_light(tmp_path: Path) -> None:
     assert "<details><summary>per label, crop level (600 rows" in report.read_text(encoding="utf-8")
     assert not any(alt.startswith("confusion matrix") for alt, _ in page.images)  # too many labels for an image
     assert page.tables["val: the 30 largest confusions"] <= 30
+
+
+def test_a_review_that_does_not_match_the_run_is_a_warning_not_a_crash(run: Path, tmp_path: Path) -> None:
+    from animl_lightning.train.report import build_report
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "review").mkdir()
+    issues = copy / "review" / "label_issues.csv"
+    issues.write_text("split,file,given_label,suggested_label\nval,gone/0.jpg,fox,bird\n")
+    page = parse(build_report(copy))
+    assert page.sections[-1] == "review" and "likely label errors per split" not in page.tables
+    assert "val crops are not in this run's predictions (e.g. gone/0.jpg)" in page.texts["review-warning"]
+    issues.write_text("rank,file\n1,a.jpg\n")
+    page = parse(build_report(copy))
+    assert "columns ['split', 'given_label', 'suggested_label'] are missing" in page.texts["review-warning"]
