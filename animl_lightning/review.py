@@ -48,6 +48,27 @@ def review(cfg: DictConfig) -> None:
     result = review_run(run.run_dir, settings, train_frames, run)
     print(result.per_split.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {result.folder}: {result.issues} likely label errors, {result.uncertain} uncertain crops")
+    _rebuild_report(run.run_dir)
+
+
+def _rebuild_report(run_dir: Path) -> None:
+    """Rebuild the run's report.html so that its label review section shows what was just written.
+
+    The review's own files are complete by now: a report that cannot be rebuilt is a warning, not a failed review.
+    """
+    from animl_lightning.core.errors import AnimlError
+    from animl_lightning.train.report import build_report, run_report_settings
+
+    try:
+        settings = run_report_settings(run_dir)
+        if settings is None:
+            print("report.html not rebuilt: the run has report.enabled=false")
+            return
+        path = build_report(run_dir, settings)
+    except AnimlError as err:
+        print(f"review: warning: report.html not rebuilt: {err}", file=sys.stderr)
+        return
+    print(f"rebuilt {path} with the label review section")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="review")

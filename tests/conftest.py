@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-# The loopback S3 server fixture (s3_server) for every test module.
-pytest_plugins = ["tests.fixtures.s3"]
+# The loopback S3 server (s3_server) and headless Chromium (browser) fixtures for every test module.
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.browser"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -34,6 +34,10 @@ from animl_lightning.train.tables import MetricTables
 log = logging.getLogger(__name__)
 
 ERROR_COLUMNS: tuple[str, ...] = ("label", "kind", "rank", "path", "true_label", "predicted", "confidence", "p_label")
+# report.html's content width (templates/report.html.j2: 1200 px less margins): a gallery no wider is shown unscaled.
+GALLERY_MAX_WIDTH = 1100
+# Space between tiles and around sections, in pixels.
+_PAD = 6
 KINDS = ("false_positive", "false_negative")
 
 
@@ -109,19 +113,30 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def caption_font_size(tile_size: int) -> int:
+    """Pixel size of a gallery's caption text for ``tile_size`` tiles."""
+    return max(10, tile_size // 12)
+
+
+def gallery_columns(k: int, tile_size: int) -> int:
+    """Tiles per gallery row: ``k``, at most 8, and no more than fit in :data:`GALLERY_MAX_WIDTH` px, so report.html
+    shows a gallery at its own size (a wider one is scaled down, and its captions with it)."""
+    return max(1, min(k, 8, (GALLERY_MAX_WIDTH - _PAD) // (tile_size + _PAD)))
+
+
 def render_gallery(
     sections: list[tuple[str, list[Tile]]], title: str, tile_size: int = 160, columns: int = 8
 ) -> Image.Image:
     """Draw titled sections of captioned tiles as one RGB image (an empty section says "none")."""
     if tile_size < 16 or columns < 1:
         raise ConfigError(f"tile_size must be >= 16 and columns >= 1, got {tile_size}, {columns}")
-    font_size = max(10, tile_size // 12)
+    font_size = caption_font_size(tile_size)
     font, title_font = _font(font_size), _font(font_size + 4)
     line = font_size + 3
     caption_lines = max((len(t.caption) for _, tiles in sections for t in tiles), default=1)
     cell_h = tile_size + caption_lines * line + 6
     header = font_size + 12
-    pad = 6
+    pad = _PAD
     height = header + pad
     for _, tiles in sections:
         rows = max(1, -(-len(tiles) // columns))
@@ -196,7 +211,7 @@ def write_error_galleries(
     errors = select_errors(predictions, labels, k)
     folder = Path(output_dir) / split
     crops = Path(crops_dir)
-    columns = min(k, 8)
+    columns = gallery_columns(k, tile_size)
     caption_width = max(12, tile_size // 7)
     written: list[Path] = []
     used: set[str] = set()

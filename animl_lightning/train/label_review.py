@@ -20,6 +20,10 @@ was), and with ``review.folds=K`` those of its train crops from K fits over fold
     Per given label with suspicious crops, one ``image_id<TAB>annotation_id`` line per crop in rank order, to open
     each in Animl and correct it at the source.
 
+The command then rebuilds the run's ``report.html``, whose label review section counts these crops per split and
+shows how the val/test per-label table would change with their suggested labels
+(:func:`animl_lightning.train.report.label_review_section`).
+
 Everything is computed in memory first and written as a set (each file atomically, Ctrl-C held back), so a bad input
 (a run without predictions, a run from before ``metrics/predictions.json``, a dataset changed since the run, a
 deleted crop) ends with one line and leaves the previous review as it was.

@@ -6,7 +6,15 @@ Built from what the run folder already holds (``metrics/*.csv``, ``history.csv``
 (model, input size, data, intended use, known limits, command, config, package versions), dataset, training
 curves, results at every level the run has (crop, image, sequence, taxonomy ranks), confusion matrices,
 calibration (reliability diagram, ECE before and after), thresholds and coverage, per-location results, error
-galleries.
+galleries, and the label review (``review/label_issues.csv`` of ``python -m animl_lightning.review``, when run).
+
+Written for a reader who did not train the model, at a laptop's 1280 px: one sentence at the top says which labels
+the model may apply on its own and the share of crops that covers (:func:`automation_sentence`); column headers are
+words (:data:`COLUMN_TITLES`), the crop rule is a sentence, the header names the run folder, not a path of the
+machine that trained it; the 18 columns of ``thresholds.csv`` are two tables; galleries are shown at their own size
+so their captions stay readable; a reliability point averages equally many crops, at least
+:data:`RELIABILITY_CROPS_PER_BIN` where the split has enough (:func:`reliability_points`), and the page says how
+many it had.
 
 The page is one file: images are embedded as base64 PNG, there is no script, and long tables fold into HTML's own
 ``<details>`` (readable without JavaScript, mailable, offline). With many labels it stays light: tables of more
@@ -40,15 +48,48 @@ from animl_lightning.core.files import atomic_write_text
 from animl_lightning.core.taxonomy import RANKS
 from animl_lightning.train.checkpointing import read_checkpoint
 from animl_lightning.train.history import HISTORY_FILENAME
+from animl_lightning.train.scores import confusion_of, per_label_table
 from animl_lightning.train.sweeps import read_run_results
 
 log = logging.getLogger(__name__)
 
 REPORT_FILENAME = "report.html"
+# Written by python -m animl_lightning.review (animl_lightning.train.label_review); read here, never written.
+ISSUES_FILE = "review/label_issues.csv"
+ISSUE_COLUMNS_USED: tuple[str, ...] = ("split", "file", "given_label", "suggested_label")
+# The splits the run's own model never trained on: the review always covers them.
+OUT_OF_SAMPLE: tuple[str, ...] = ("val", "test")
 TEMPLATE = "report.html.j2"
 PACKAGES = ("animl-lightning", "torch", "timm", "lightning", "torchmetrics", "hydra-core", "pandas", "numpy")
 # Labels with fewer train locations than this are named as a known limit (the model saw too few backgrounds).
 FEW_LOCATIONS = 3
+# A reliability point averages at least this many crops (fewer make a zig-zag of noise), with between
+# RELIABILITY_MIN_BINS and RELIABILITY_MAX_BINS points per split.
+RELIABILITY_CROPS_PER_BIN = 30
+RELIABILITY_MIN_BINS = 3
+RELIABILITY_MAX_BINS = 15
+# The headers a reader sees instead of the CSV column names (scores.py and thresholds.py define the figures).
+COLUMN_TITLES: dict[str, str] = {
+    "n": "count",
+    "loss": "loss",
+    "top1": "top-1 accuracy",
+    "top3": "top-3 accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "precision_macro": "mean precision",
+    "recall_macro": "mean recall",
+    "ece": "calibration error (ECE)",
+    "type_I_error": "false-alarm rate (1 - precision)",
+    "type_II_error": "miss rate (1 - recall)",
+    "support": "true count",
+    "tp": "correct",
+    "fp": "false alarms",
+    "fn": "missed",
+    "rank": "taxonomic rank",
+    "reason": "why no threshold",
+    "precision_at_0.5": "precision",
+    "recall_at_0.5": "recall",
+    "coverage_at_0.5": "coverage",
+}
 
 
 class ReportError(AnimlError, ValueError):
@@ -79,6 +120,19 @@ def report_settings(values: Any) -> ReportSettings | None:
     return ReportSettings(**{k: int(v) for k, v in raw.items()}) if enabled else None
 
 
+def run_report_settings(run_dir: str | Path) -> ReportSettings | None:
+    """The ``report`` block the run was trained with (``.hydra/config.yaml``; defaults without one), None when the
+    run turned its report off (``report.enabled=false``)."""
+    config_file = Path(run_dir) / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        return ReportSettings()
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ReportError(f"{config_file}: not YAML: {err}") from err
+    return report_settings(config.get("report") if isinstance(config, dict) else None)
+
+
 @dataclass
 class Table:
     """A table for the template: title, columns, formatted rows, and whether it starts folded."""
@@ -99,11 +153,26 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def column_title(name: str) -> str:
+    """The words a reader sees for a table column: :data:`COLUMN_TITLES`, ``recall_<label>`` as ``recall: <label>``,
+    ``val_<metric>`` as ``val <metric>``, else the name with spaces for underscores."""
+    if name in COLUMN_TITLES:
+        return COLUMN_TITLES[name]
+    if name.startswith("recall_"):
+        return f"recall: {name.removeprefix('recall_')}"
+    for split in SPLIT_NAMES:
+        if name.startswith(f"{split}_"):
+            return f"{split} {column_title(name.removeprefix(f'{split}_'))}"
+    return name.replace("_", " ")
+
+
 def frame_table(frame: pd.DataFrame, title: str, settings: ReportSettings, note: str = "") -> Table:
-    """A DataFrame as a :class:`Table`, folded when longer than ``settings.table_rows``."""
+    """A DataFrame as a :class:`Table` with :func:`column_title` headers, folded when longer than
+    ``settings.table_rows``."""
     rows = [[_format(v) for v in row] for row in frame.itertuples(index=False)]
     numeric = ["num" if pd.api.types.is_numeric_dtype(frame[c]) else "" for c in frame.columns]
-    return Table(title, [str(c) for c in frame.columns], rows, len(rows) > settings.table_rows, note, numeric)
+    columns = [column_title(str(c)) for c in frame.columns]
+    return Table(title, columns, rows, len(rows) > settings.table_rows, note, numeric)
 
 
 def _png(figure: Any) -> str:
@@ -143,10 +212,30 @@ def training_curves(history: pd.DataFrame) -> str | None:
     return _png(figure)
 
 
-def reliability_diagram(predictions: dict[str, pd.DataFrame], labels: list[str], bins: int = 15) -> str | None:
-    """Accuracy against confidence in ``bins`` equal-width bins per split (the diagonal is perfect calibration)."""
+def reliability_bins(crops: int) -> int:
+    """Points of a reliability curve over ``crops`` crops: about :data:`RELIABILITY_CROPS_PER_BIN` crops each,
+    between :data:`RELIABILITY_MIN_BINS` and :data:`RELIABILITY_MAX_BINS`."""
+    return int(min(RELIABILITY_MAX_BINS, max(RELIABILITY_MIN_BINS, crops // RELIABILITY_CROPS_PER_BIN)))
+
+
+def reliability_points(confidence: np.ndarray, correct: np.ndarray) -> pd.DataFrame:
+    """``confidence, accuracy, crops`` per bin of equally many crops (by rising confidence), :func:`reliability_bins`
+    bins: equal-count bins keep every point on the same number of crops, where equal-width bins leave a few crops
+    alone at low confidence and draw noise."""
+    order = np.argsort(confidence, kind="stable")
+    rows = [
+        (float(confidence[part].mean()), float(correct[part].mean()), len(part))
+        for part in np.array_split(order, min(reliability_bins(len(order)), len(order)))
+        if len(part)
+    ]
+    return pd.DataFrame(rows, columns=["confidence", "accuracy", "crops"])
+
+
+def reliability_diagram(predictions: dict[str, pd.DataFrame], labels: list[str]) -> tuple[str | None, list[str]]:
+    """Accuracy against confidence per split (the diagonal is perfect calibration), as an embedded PNG, and one line
+    per split saying how many crops each point rests on."""
     if not predictions:
-        return None
+        return None, []
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -154,21 +243,19 @@ def reliability_diagram(predictions: dict[str, pd.DataFrame], labels: list[str],
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    notes = []
     for split, frame in predictions.items():
         if frame.empty:
             continue
-        probs = frame[labels].to_numpy(dtype=float)
-        confidence = probs.max(axis=1)
+        confidence = frame[labels].to_numpy(dtype=float).max(axis=1)
         correct = (frame["prediction"] == frame["label"]).to_numpy(dtype=float)
-        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-        xs, ys = [], []
-        for b in range(bins):
-            mask = which == b
-            if mask.any():
-                xs.append(confidence[mask].mean())
-                ys.append(correct[mask].mean())
-        axes.plot(xs, ys, marker="o", label=split)
+        points = reliability_points(confidence, correct)
+        axes.plot(points["confidence"], points["accuracy"], marker="o", label=split)
+        few = len(frame) < RELIABILITY_MIN_BINS * RELIABILITY_CROPS_PER_BIN
+        notes.append(
+            f"{split}: {len(frame)} crops in {len(points)} bins of about {len(frame) // max(len(points), 1)} crops"
+            + (" (too few crops for a close reading: each point is uncertain)" if few else "")
+        )
     axes.set_xlabel("confidence (top probability)")
     axes.set_ylabel("accuracy")
     axes.set_xlim(0, 1)
@@ -176,7 +263,148 @@ def reliability_diagram(predictions: dict[str, pd.DataFrame], labels: list[str],
     axes.legend()
     axes.set_title("reliability")
     figure.tight_layout()
-    return _png(figure)
+    return _png(figure), notes
+
+
+def crop_rule_text(rule: dict[str, Any]) -> str:
+    """The crop rule (:meth:`CropRule.to_dict`) in words."""
+    shapes = {
+        "square": "a square around each box (side = the box's longer side, shifted inside the image)",
+        "pad": "the box, padded with black to a square",
+        "exact": "the box as drawn",
+    }
+    strategy = str(rule.get("strategy"))
+    text = shapes.get(strategy, strategy)
+    size = rule.get("max_size")
+    return text + (f", saved at most {size} px on its longer side" if size else ", saved at full resolution")
+
+
+def threshold_tables(thresholds: pd.DataFrame, settings: ReportSettings) -> list[Table]:
+    """``thresholds.csv`` as two tables a page can hold: the figures at each label's threshold, and at 0.5."""
+    at_threshold = [c for c in thresholds.columns if not c.endswith("_at_0.5")]
+    at_half = ["rank", "label", *[c for c in thresholds.columns if c.endswith("_at_0.5")]]
+    return [
+        frame_table(thresholds[at_threshold], "at each label's threshold", settings),
+        frame_table(thresholds[[c for c in at_half if c in thresholds]], "at 0.5, for comparison", settings),
+    ]
+
+
+def _precision_words(target: float | None) -> str:
+    return f"a val precision of {target:g}" if target is not None else "the run's target val precision"
+
+
+def automation_sentence(thresholds: pd.DataFrame | None, target: float | None) -> str:
+    """One sentence on what the model can do alone: labels with a threshold and the share of val (test) crops it
+    labels without a person, from ``thresholds.csv``'s label rows."""
+    if thresholds is None:
+        return (
+            "No per-label thresholds were chosen (thresholds.target_precision=null, or no val split), so this run "
+            "does not say which labels the model may apply on its own: have people check every crop."
+        )
+    rows = thresholds[thresholds["rank"] == "label"]
+    accepted = rows[rows["threshold"].notna()]
+    if accepted.empty:
+        return (
+            f"At {_precision_words(target)}, none of the {len(rows)} labels can be accepted automatically: "
+            "every crop still needs a person."
+        )
+    covered = []
+    for split in ("val", "test"):
+        support = rows.get(f"{split}_support")
+        coverage = rows.get(f"{split}_coverage")
+        if support is None or coverage is None or not support.sum():
+            continue
+        share = float((coverage.fillna(0.0) * support).sum() / support.sum())
+        covered.append(f"{share:.0%} of {split} crops")
+    names = ", ".join(str(label) for label in accepted["label"])
+    return (
+        f"At {_precision_words(target)}, {len(accepted)} of {len(rows)} labels can be accepted automatically "
+        f"({names}), covering {' and '.join(covered) or 'an unknown share of crops'}; the rest go to people."
+    )
+
+
+def _label_index(values: pd.Series, labels: list[str], source: str) -> np.ndarray:
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted(set(values.astype(str)) - set(index))
+    if unknown:
+        raise ReportError(f"{source}: labels {unknown[:5]} are not among the run's labels")
+    return values.astype(str).map(index).to_numpy(dtype=np.int64)
+
+
+def relabelled_tables(
+    predictions: pd.DataFrame, issues: pd.DataFrame, labels: list[str], split: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-label tables of one split (:func:`~animl_lightning.train.scores.per_label_table`) as evaluated and with
+    every crop of ``issues`` given its ``suggested_label`` instead (``predictions``: ``path, label, prediction``;
+    ``issues``: ``file, given_label, suggested_label`` of that split)."""
+    suggested = issues.set_index("file")["suggested_label"].astype(str)
+    missing = sorted(set(suggested.index) - set(predictions["path"].astype(str)))
+    if missing:
+        raise ReportError(
+            f"{ISSUES_FILE}: {len(missing)} {split} crops are not in this run's predictions (e.g. {missing[0]}); "
+            "the review is older than the run's evaluation: review the run again"
+        )
+    source = f"{ISSUES_FILE} / predictions_{split}.csv"
+    given = predictions["label"].astype(str)
+    corrected = predictions["path"].astype(str).map(suggested).fillna(given)
+    predicted = _label_index(predictions["prediction"], labels, source)
+    tables = (
+        per_label_table(confusion_of(_label_index(truth, labels, source), predicted, len(labels)), labels, split)
+        for truth in (given, corrected)
+    )
+    before, after = tables
+    return before, after
+
+
+def _change(before: float, after: float) -> str:
+    return _format(before) if _format(before) == _format(after) else f"{_format(before)} → {_format(after)}"
+
+
+def label_review_section(
+    run: Path, predictions: dict[str, pd.DataFrame], labels: list[str], settings: ReportSettings
+) -> dict[str, Any]:
+    """What ``RUN/review/label_issues.csv`` says, when the review has been run: likely label errors per split, and
+    the val/test per-label table before and after giving every flagged crop its suggested label."""
+    issues_file = run / ISSUES_FILE
+    section: dict[str, Any] = {"present": issues_file.is_file(), "counts": None, "changes": [], "warnings": []}
+    if not section["present"]:
+        return section
+    try:
+        issues = pd.read_csv(issues_file, dtype=str, keep_default_na=False)
+        missing = [c for c in ISSUE_COLUMNS_USED if c not in issues.columns]
+        if missing:
+            raise ReportError(f"{ISSUES_FILE}: columns {missing} are missing")
+        rows = []
+        reviewed = [s for s in SPLIT_NAMES if s in OUT_OF_SAMPLE or (issues["split"] == s).any()]
+        reviewed += [s for s in SPLIT_NAMES if s == "train" and any((run / "review").glob("folds_*"))]
+        for split in [s for s in SPLIT_NAMES if s in reviewed and s in predictions]:
+            flagged = int((issues["split"] == split).sum())
+            crops = len(predictions[split])
+            rows.append((split, crops, flagged, flagged / crops if crops else float("nan")))
+        counts = pd.DataFrame(rows, columns=["split", "crops reviewed", "likely label errors", "share"])
+        section["counts"] = frame_table(counts, "likely label errors per split", settings)
+        for split in OUT_OF_SAMPLE:
+            if split not in predictions:
+                continue
+            mine = issues[issues["split"] == split]
+            before, after = relabelled_tables(predictions[split], mine, labels, split)
+            away, to = mine["given_label"].value_counts(), mine["suggested_label"].value_counts()
+            table = pd.DataFrame(
+                {
+                    "label": before["label"],
+                    "crops relabelled away": [int(away.get(label, 0)) for label in before["label"]],
+                    "crops relabelled to it": [int(to.get(label, 0)) for label in before["label"]],
+                    "true count": [_change(b, a) for b, a in zip(before["support"], after["support"], strict=True)],
+                    "precision": [_change(b, a) for b, a in zip(before["precision"], after["precision"], strict=True)],
+                    "recall": [_change(b, a) for b, a in zip(before["recall"], after["recall"], strict=True)],
+                }
+            )
+            title = f"{split}: per label, as evaluated → if the flagged labels were wrong"
+            section["changes"].append(frame_table(table, title, settings))
+    except (ReportError, ValueError, KeyError, pd.errors.ParserError) as err:
+        section["counts"], section["changes"] = None, []
+        section["warnings"].append(f"the label review could not be shown: {err}")
+    return section
 
 
 def top_confusions(confusion: pd.DataFrame, count: int) -> pd.DataFrame:
@@ -210,7 +438,8 @@ def _dataset_section(data_dir: Path | None, settings: ReportSettings) -> dict[st
         "tables": [],
         "warnings": [],
         "skipped": None,
-        "path": str(data_dir or "unknown"),
+        # The folder's name only: the page is read on other machines (the full path is in the config below).
+        "path": data_dir.name if data_dir is not None else "unknown",
         "totals": None,
         "few_locations": [],
     }
@@ -267,7 +496,10 @@ def _results_tables(metrics: Path, settings: ReportSettings) -> list[Table]:
         if frame is None:
             continue
         title = f"per label, {level} level" if level in ("crop", "image", "sequence") else f"per {level}"
-        note = "type_I_error = 1 - precision (false alarms); type_II_error = 1 - recall (missed animals)"
+        note = (
+            "precision: of the crops the model calls this label, the share that are; recall: of this label's crops, "
+            "the share the model finds; true count: crops (images, sequences) of this label"
+        )
         tables.append(frame_table(frame, title, settings, note))
     return tables
 
@@ -317,7 +549,7 @@ def build_report(run_dir: str | Path, settings: ReportSettings | None = None) ->
         card.update(
             model=contents.model_name,
             input_size=contents.data_config.get("input_size"),
-            crop_rule=contents.crop_rule.to_dict(),
+            crop_rule=crop_rule_text(contents.crop_rule.to_dict()),
             temperature=contents.temperature,
             calibration=calibration,
             thresholds=contents.thresholds,
@@ -373,12 +605,14 @@ def build_report(run_dir: str | Path, settings: ReportSettings | None = None) ->
 
     overall = _read_csv(metrics / "overall.csv")
     per_location = _read_csv(metrics / "per_location.csv")
+    reliability, reliability_notes = reliability_diagram({s: f for s, f in predictions.items() if s != "train"}, labels)
     history = _read_csv(run / HISTORY_FILENAME)
     if history is None:
         history = pd.DataFrame()
     context = {
         "title": f"animl-lightning run {run.name}",
-        "run_dir": str(run.resolve()),
+        # The folder's name, not the machine's path: the page is mailed and read elsewhere.
+        "run_name": run.resolve().name,
         "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "results": results,
         "card": card,
@@ -388,11 +622,13 @@ def build_report(run_dir: str | Path, settings: ReportSettings | None = None) ->
         "overall": frame_table(overall, "overall", settings) if overall is not None else None,
         "results_tables": _results_tables(metrics, settings),
         "confusions": confusions,
-        "reliability": reliability_diagram({s: f for s, f in predictions.items() if s != "train"}, labels),
+        "reliability": reliability,
+        "reliability_notes": reliability_notes,
+        "crops_per_bin": RELIABILITY_CROPS_PER_BIN,
         "ece": _ece_rows(overall, card.get("calibration") or {}),
-        "thresholds": frame_table(thresholds, "thresholds and coverage (thresholds.csv)", settings)
-        if thresholds is not None
-        else None,
+        "thresholds": threshold_tables(thresholds, settings) if thresholds is not None else [],
+        "verdict": automation_sentence(thresholds, (card.get("thresholds") or {}).get("target_precision")),
+        "review": label_review_section(run, predictions, labels, settings),
         "per_location": frame_table(per_location, "per location", settings) if per_location is not None else None,
         "galleries": _galleries(run, metrics, settings),
         "gallery_limit": settings.gallery_labels,

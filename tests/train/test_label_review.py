@@ -8,14 +8,12 @@ import base64
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import time
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,9 +42,11 @@ from animl_lightning.train.review_folds import (
     fold_splits,
     train_locations,
 )
+from tests.fixtures.browser import Browser
 from tests.fixtures.datasets import make_prepared_dataset
 from tests.fixtures.hydra import FAST_OVERRIDES
 from tests.fixtures.label_noise import flip_dataset_labels, recovery
+from tests.fixtures.pages import parse_report
 from tests.fixtures.scripts import command, command_env, run_command, run_train_script
 
 LABELS = ["bird", "fox", "skunk"]
@@ -235,6 +235,7 @@ def reviewed(flipped_run: tuple[Path, Path, set[str]]) -> Path:
     result = review(run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "likely label errors" in result.stdout
+    assert "with the label review section" in result.stdout  # report.html rebuilt after the review
     return run / "review"
 
 
@@ -317,6 +318,55 @@ def test_review_again_rewrites_the_same_files(flipped_run: tuple[Path, Path, set
     assert set(pd.read_csv(reviewed / "label_issues.csv")["file"]) == set(pd.read_csv(io.BytesIO(before))["file"])
     assert (reviewed / "animl_ids" / "stale.txt").is_file()
     assert not list(reviewed.rglob("*.tmp-*"))
+
+
+def _figures(cell: str) -> tuple[float, float]:
+    """``"0.750 → 0.875"`` (or ``"0.750"`` when unchanged; ``–`` when undefined) as (before, after)."""
+    parts = [float("nan") if part == "–" else float(part) for part in cell.split(" → ")]
+    return parts[0], parts[-1]
+
+
+def _same(value: float, expected: float) -> bool:
+    return bool(np.isnan(value) and np.isnan(expected)) or value == pytest.approx(expected, abs=5e-4)
+
+
+def test_the_report_counts_the_review_and_recomputes_the_table_on_corrected_labels(
+    flipped_run: tuple[Path, Path, set[str]], reviewed: Path
+) -> None:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    run, _, _ = flipped_run
+    issues = pd.read_csv(reviewed / "label_issues.csv", dtype=str, keep_default_na=False)
+    page = parse_report(run / "report.html")
+    assert page.sections[-1] == "review" and "review-hint" not in page.texts
+    counts = {row[0]: row for row in page.cells["likely label errors per split"]}
+    assert set(counts) == {"val", "test"}  # the train crops were not reviewed (no review.folds)
+    per_label = pd.read_csv(run / "metrics" / "per_label.csv")
+    for split in ("val", "test"):
+        predictions = pd.read_csv(run / "metrics" / f"predictions_{split}.csv")
+        mine = issues[issues["split"] == split]
+        assert counts[split][1:3] == [str(len(predictions)), str(len(mine))]
+        # Independently: scikit-learn on the labels with every flagged crop given its suggested label.
+        corrected = predictions["path"].map(mine.set_index("file")["suggested_label"]).fillna(predictions["label"])
+        precision, recall, _, support = precision_recall_fscore_support(
+            corrected, predictions["prediction"], labels=LABELS, zero_division=np.nan
+        )
+        before = per_label[per_label["split"] == split].set_index("label")
+        rows = {
+            row[0]: row for row in page.cells[f"{split}: per label, as evaluated → if the flagged labels were wrong"]
+        }
+        assert sorted(rows) == LABELS
+        for k, label in enumerate(LABELS):
+            _, away, to, count, shown_precision, shown_recall = rows[label]
+            assert int(away) == (mine["given_label"] == label).sum()
+            assert int(to) == (mine["suggested_label"] == label).sum()
+            assert _figures(count) == (before.loc[label, "support"], support[k])
+            for cell, was, now in (
+                (shown_precision, before.loc[label, "precision"], precision[k]),
+                (shown_recall, before.loc[label, "recall"], recall[k]),
+            ):
+                figures = _figures(cell)
+                assert _same(figures[0], was) and _same(figures[1], now), (split, label, cell, was, now)
 
 
 # --- bad input: one line, exit 2, nothing written -----------------------------------------------------------------
@@ -457,43 +507,13 @@ def test_folds_resume_after_a_fold_is_killed(flipped_run: tuple[Path, Path, set[
 
 
 @pytest.mark.slow
-def test_a_real_browser_renders_every_thumbnail(reviewed: Path, tmp_path: Path) -> None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    checked = tmp_path / "checked.html"
-    probe = """<script>
-    window.addEventListener('load', () => {
-      const images = Array.from(document.images);
-      const bad = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
-      const out = document.createElement('pre');
-      out.id = 'image-check';
-      out.textContent = JSON.stringify({total: images.length, bad: bad});
-      document.body.appendChild(out);
-    });
-    </script>"""
-    page = (reviewed / "review.html").read_text(encoding="utf-8")
-    checked.write_text(page.replace("</body>", probe + "</body>"))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    dom = subprocess.run(
-        [browser, *flags, "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    found = re.search(r'<pre id="image-check">(.*?)</pre>', dom.stdout)
-    assert found, dom.stderr[-2000:]
-    result: dict[str, Any] = json.loads(found.group(1).replace("&quot;", '"'))
+def test_a_real_browser_renders_every_thumbnail(reviewed: Path, tmp_path: Path, browser: Browser) -> None:
+    page = reviewed / "review.html"
+    layout = browser.layout(page, tmp_path)
     parser = ReviewParser()
-    parser.feed(page)
-    assert result["bad"] == [] and result["total"] == len(parser.images) > 0
-    shot = tmp_path / "review.png"
-    subprocess.run(
-        [browser, *flags, "--window-size=1280,1600", f"--screenshot={shot}", (reviewed / "review.html").as_uri()],
-        capture_output=True,
-        timeout=180,
-        check=True,
-    )
-    with Image.open(shot) as image:
-        assert image.size == (1280, 1600)
-        assert len(set(image.convert("L").getdata())) > 20  # text and thumbnails, not a blank page
+    parser.feed(page.read_text(encoding="utf-8"))
+    assert [i["alt"] for i in layout["images"] if not i["ok"]] == []
+    assert len(layout["images"]) == len(parser.images) > 0
+    image = browser.screenshot(page, tmp_path / "review.png", 1280, 1600)
+    assert image.size == (1280, 1600)
+    assert len(set(image.convert("L").getdata())) > 20  # text and thumbnails, not a blank page
