@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from animl_lightning.core.crop_rule import CropRule, has_jpeg_markers
+from animl_lightning.core.crop_files import has_jpeg_markers
+from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.errors import AnimlError
 from animl_lightning.core.files import atomic_write, atomic_write_json, read_json_file, safe_relative
 from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, Taxonomy, read_taxonomy

@@ -33,23 +33,20 @@ that scale (:func:`draft_reduction`); shrinking is done by OpenCV (2x area-avera
 last factor below 2), or by PIL's box (area-average) filter where OpenCV is missing. Rendering works on the decoded
 ``RGBX`` array (:func:`render`); a crop kept at its size is a view of it.
 
-:class:`EvalTransform` is the model's deterministic preprocessing (resize the shorter side to ``size / crop_pct``,
-centre crop, scale to [0, 1], normalise), written with PIL and numpy to give exactly the tensor of timm's eval
-transform, so that a deployment needs neither torch's data stack nor timm to feed the model.
+The model's preprocessing after the crop is :mod:`animl_lightning.core.preprocessing`; the checks and encoding of
+crop files are :mod:`animl_lightning.core.crop_files`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import simplejpeg
 from PIL import Image
 
 from animl_lightning.core.errors import AnimlError, ConfigError
@@ -63,6 +60,7 @@ from animl_lightning.core.imaging import (
     rgbx,
     turbojpeg,
 )
+from animl_lightning.core.preprocessing import EvalTransform
 
 Box = tuple[float, float, float, float]
 CROP_STRATEGIES = ("square", "pad", "exact")
@@ -73,8 +71,6 @@ _DRAFT_SCALES = (8, 4, 2)
 _DOWNSCALE = Image.Resampling.BOX
 # Shrink by whole factors with Image.reduce (a fast box average, the same filter) before the fractional resize.
 _REDUCING_GAP = 1.0
-_JPEG_SOI = b"\xff\xd8"
-_JPEG_EOI = b"\xff\xd9"
 
 
 class CropError(AnimlError, ValueError):
@@ -545,164 +541,3 @@ def crop_image(image: Image.Image, box: Box, strategy: str, max_size: int | None
     """:func:`crop_decoded` for a PIL image already in displayed orientation; RGB."""
     decoded = DecodedImage(rgbx(image), image.size)
     return pil_view(np.ascontiguousarray(crop_decoded(decoded, box, CropRule(strategy, max_size)))).convert("RGB")
-
-
-# --- crop files ------------------------------------------------------------------------------------------------
-
-
-def has_jpeg_markers(path: Path) -> bool:
-    """Whether a file starts with a JPEG start-of-image and ends with an end-of-image marker (4 bytes read).
-
-    Crops are written through a temporary file and a rename, so one that exists is complete unless it was damaged
-    afterwards (emptied, truncated, overwritten); this catches that without decoding.
-    """
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(2)
-            handle.seek(-2, os.SEEK_END)
-            tail = handle.read(2)
-    except OSError:
-        return False
-    return head == _JPEG_SOI and tail == _JPEG_EOI
-
-
-def crop_is_valid(path: Path, size: tuple[int, int] | None = None) -> bool:
-    """:func:`has_jpeg_markers` and a readable JPEG header of ``size``: the check a crop must pass to be kept.
-
-    The size catches a crop cut under another strategy or ``max_size``.
-    """
-    if not has_jpeg_markers(path):
-        return False
-    try:
-        with Image.open(path) as image:
-            return image.format == "JPEG" and (size is None or image.size == size)
-    except (OSError, SyntaxError, ValueError):
-        return False
-
-
-def encode_crop(pixels: np.ndarray, quality: int) -> bytes:
-    """JPEG bytes of an ``RGBX`` crop: libjpeg-turbo, 4:2:0 chroma subsampling and accurate DCT like PIL's default."""
-    if pixels.strides[0] <= 0 or pixels.strides[1:] != (4, 1):
-        pixels = np.ascontiguousarray(pixels)  # libjpeg reads whole rows: a crop of an EXIF-rotated view is copied
-    data: bytes = simplejpeg.encode_jpeg(pixels, quality, colorspace="RGBX", colorsubsampling="420")
-    return data
-
-
-# --- the model's preprocessing ------------------------------------------------------------------------------------
-
-_INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-CROP_MODES = ("center", "squash")
-
-
-@dataclass(frozen=True)
-class EvalTransform:
-    """timm's eval transform (``create_transform(is_training=False)``) in PIL and numpy: the same float32 tensor.
-
-    ``center``: resize the shorter side to ``floor(side / crop_pct)`` (aspect kept, PIL resampling as torchvision's
-    ``Resize`` does it), take the centre ``input_size`` (offsets rounded as torchvision's ``CenterCrop``), scale to
-    [0, 1] and normalise. ``squash``: resize both sides to ``floor(side / crop_pct)``, then the same.
-
-    Attributes:
-        input_size: ``(channels, height, width)`` of the model input.
-        interpolation: PIL resampling name (``bicubic``, ``bilinear``, ...).
-        mean, std: per-channel normalisation (RGB, on the [0, 1] scale).
-        crop_pct: share of the resized image kept by the centre crop.
-        crop_mode: ``center`` or ``squash``.
-    """
-
-    input_size: tuple[int, int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    crop_pct: float = 1.0
-    crop_mode: str = "center"
-
-    def __post_init__(self) -> None:
-        if len(self.input_size) != 3 or self.input_size[0] != 3 or min(self.input_size) < 1:
-            raise ConfigError(f"input_size must be (3, height, width), got {self.input_size!r}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ConfigError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
-        if self.crop_mode not in CROP_MODES:
-            raise ConfigError(f"crop_mode must be one of {list(CROP_MODES)}, got {self.crop_mode!r}")
-        if self.crop_mode == "center" and self.input_size[1] != self.input_size[2]:
-            # timm resizes non-square centre crops with its own ResizeKeepRatio; no model here has one.
-            raise ConfigError(f"crop_mode 'center' needs a square input_size, got {self.input_size!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"mean and std need 3 values each (std > 0), got {self.mean!r}, {self.std!r}")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> EvalTransform:
-        """From a timm data config (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``).
-
-        Raises:
-            ConfigError: a key is missing or out of range.
-        """
-        try:
-            size = tuple(int(v) for v in config["input_size"])
-            mean = tuple(float(v) for v in config["mean"])
-            std = tuple(float(v) for v in config["std"])
-            return cls(
-                input_size=(size[0], size[1], size[2]),
-                mean=(mean[0], mean[1], mean[2]),
-                std=(std[0], std[1], std[2]),
-                interpolation=str(config.get("interpolation", "bicubic")),
-                crop_pct=float(config.get("crop_pct", 1.0)),
-                crop_mode=str(config.get("crop_mode", "center")),
-            )
-        except (KeyError, IndexError, TypeError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(f"preprocessing config {dict(config)!r} is incomplete: {err}") from err
-
-    def to_dict(self) -> dict[str, Any]:
-        """The timm data config keys, JSON-ready."""
-        return {
-            "input_size": list(self.input_size),
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "crop_pct": self.crop_pct,
-            "crop_mode": self.crop_mode,
-        }
-
-    def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """The (width, height) an image of ``width`` x ``height`` is resized to before the centre crop."""
-        _, out_h, out_w = self.input_size
-        scale_h, scale_w = math.floor(out_h / self.crop_pct), math.floor(out_w / self.crop_pct)
-        if self.crop_mode == "squash":
-            return scale_w, scale_h
-        # torchvision Resize(int): the shorter side becomes the size, the longer one int(size * long / short).
-        if width <= height:
-            return scale_w, int(scale_w * height / width)
-        return int(scale_h * width / height), scale_h
-
-    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """``(3, height, width)`` float32 of an RGB PIL image or an ``(h, w, 3|4)`` uint8 RGB(X) array."""
-        if isinstance(image, np.ndarray):
-            image = pil_view(np.ascontiguousarray(image)) if image.shape[2] == 4 else Image.fromarray(image, "RGB")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        size = self.resized_size(*image.size)
-        if size != image.size:
-            image = image.resize(size, _INTERPOLATIONS[self.interpolation])
-        _, out_h, out_w = self.input_size
-        width, height = image.size
-        if out_w > width or out_h > height:
-            raise ConfigError(f"cannot centre-crop {out_w}x{out_h} from a {width}x{height} image")
-        # Python's round (half to even), as torchvision's CenterCrop uses.
-        top, left = round((height - out_h) / 2.0), round((width - out_w) / 2.0)
-        pixels = np.asarray(image, dtype=np.uint8)[top : top + out_h, left : left + out_w]
-        scaled = pixels.astype(np.float32) / np.float32(255.0)
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        normalised: np.ndarray = ((scaled - mean) / std).transpose(2, 0, 1)
-        return np.ascontiguousarray(normalised)

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from animl_lightning.core.crop_rule import CropRule, EvalTransform, model_input, open_for_boxes
+from animl_lightning.core.crop_rule import CropRule, model_input, open_for_boxes
 from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.preprocessing import EvalTransform
 
 BUNDLE_FILENAME = "bundle.json"
 BUNDLE_FORMAT = 1

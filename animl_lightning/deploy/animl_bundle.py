@@ -81,6 +81,7 @@ CORE_SOURCES = (
     "core/errors.py",
     "core/imaging.py",
     "core/crop_rule.py",
+    "core/preprocessing.py",
     "core/machine.py",
     "core/serving.py",
 )

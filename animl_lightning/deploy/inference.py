@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from animl_lightning.core.crop_rule import Box, CropRule, CropSource, EvalTransform, model_input, open_for_boxes
+from animl_lightning.core.crop_rule import Box, CropRule, CropSource, model_input, open_for_boxes
 from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.preprocessing import EvalTransform
 from animl_lightning.core.taxonomy import Taxonomy
 from animl_lightning.train.checkpointing import read_checkpoint
 from animl_lightning.train.classifier import CropClassifier

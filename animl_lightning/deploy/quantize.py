@@ -29,8 +29,8 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from animl_lightning.core.contract import load_prepared_dataset
-from animl_lightning.core.crop_rule import EvalTransform
 from animl_lightning.core.errors import AnimlError, require
+from animl_lightning.core.preprocessing import EvalTransform
 from animl_lightning.deploy.inference import LoadedClassifier
 from animl_lightning.deploy.onnx_cache import OnnxCache, package_versions, source_digest
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier

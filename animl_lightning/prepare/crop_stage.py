@@ -32,16 +32,15 @@ import pandas as pd
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
+from animl_lightning.core.crop_files import crop_is_valid, encode_crop
 from animl_lightning.core.crop_rule import (
     Box,
     CropError,
     CropRule,
     CropWindow,
-    crop_is_valid,
     crop_window,
     cut_region,
     draft_reduction,
-    encode_crop,
     output_size,
     plan_window,
     render,

@@ -24,9 +24,9 @@ from torchvision import transforms
 from typing_extensions import override
 
 from animl_lightning.core.contract import SPLIT_NAMES, PreparedDataset, crop_groups, load_prepared_dataset
-from animl_lightning.core.crop_rule import EvalTransform
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.machine import usable_cores
+from animl_lightning.core.preprocessing import EvalTransform
 from animl_lightning.train.sampling import (
     DistributedWeightedSampler,
     UnpaddedDistributedSampler,

@@ -12,12 +12,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
+from animl_lightning.core.crop_files import crop_is_valid
 from animl_lightning.core.crop_rule import (
     CropRule,
     CropWindow,
     crop_decoded,
     crop_image,
-    crop_is_valid,
     crop_window,
     draft_reduction,
     output_size,

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import animl_lightning.core.imaging as imaging
+from animl_lightning.core.crop_files import encode_crop
 from animl_lightning.core.crop_rule import (
     CropRule,
     align_to_grid,
     crop_window,
     decode_scale,
-    encode_crop,
     open_for_boxes,
     output_size,
     plan_window,
@@ -326,7 +326,7 @@ def test_deployment_pixels_are_the_training_crops_pixels(tmp_path: Path, name: s
 
 @pytest.mark.parametrize("name", list(SUBSAMPLINGS))
 def test_classify_and_the_servers_feed_the_model_the_training_crops(tmp_path: Path, name: str) -> None:
-    from animl_lightning.core.crop_rule import EvalTransform
+    from animl_lightning.core.preprocessing import EvalTransform
     from animl_lightning.core.serving import AnimlRequest, request_probabilities
     from animl_lightning.deploy.inference import CropRequests, DetectionCrops
 

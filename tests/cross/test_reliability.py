@@ -22,7 +22,7 @@ import torch
 import train as train_script
 from animl_lightning.cli import run_command as run_command_main
 from animl_lightning.core.contract import read_splits
-from animl_lightning.core.crop_rule import has_jpeg_markers
+from animl_lightning.core.crop_files import has_jpeg_markers
 from animl_lightning.core.files import LOCK_FILENAME
 from animl_lightning.deploy.classify import run_classify
 from animl_lightning.deploy.export import export_checkpoint

@@ -23,7 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from animl_lightning.core.crop_rule import CropRule, EvalTransform
+from animl_lightning.core.crop_rule import CropRule
+from animl_lightning.core.preprocessing import EvalTransform
 from animl_lightning.core.serving import (
     MAX_REQUEST_PIXELS,
     RequestError,
