@@ -31,7 +31,6 @@ import base64
 import colorsys
 import io
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,9 +53,14 @@ from animl_lightning.core.files import (
     atomic_write_json,
     atomic_write_text,
     check_writable,
-    read_json_file,
 )
 from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, answer_request
+from animl_lightning.deploy.bundle_folder import (
+    MANIFEST_FILENAME,
+    bundle_manifest,
+    output_folder,
+    refuse_unless_replaceable,
+)
 from animl_lightning.deploy.export import (
     PRECISIONS,
     ExportError,
@@ -92,7 +96,6 @@ DEFAULT_THRESHOLD = 0.5
 NO_THRESHOLD = 1.0
 TORCHSERVE_VERSION = "0.12.0"
 SAMPLE_BBOX = [0.2, 0.25, 0.7, 0.8]  # [ymin, xmin, ymax, xmax], as Animl sends it
-MANIFEST_FILENAME = "bundle_files.json"
 INT8_FILENAME = "model.int8.onnx"
 # The environment variable that makes the ONNX server serve the int8 model (server.PRECISION_VARIABLE).
 PRECISION_VARIABLE = "ANIML_PRECISION"
@@ -247,99 +250,6 @@ def build_mar(staging: Path, model_id: str, version: str) -> Path:
         last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ExportError(f"format=animl: torch-model-archiver failed: {last[0]}")
     return mar
-
-
-def bundle_manifest(folder: Path) -> dict[str, Any]:
-    """``bundle_files.json``: who wrote the folder and every file in it (POSIX paths relative to it), sorted."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
-    return {"written_by": f"animl-lightning {__version__} export format=animl", "files": files}
-
-
-def _listed_files(folder: Path) -> set[str] | None:
-    """The files an earlier export listed in ``folder``'s manifest; None when it has no readable one."""
-    manifest = folder / MANIFEST_FILENAME
-    if not manifest.is_file():
-        return None
-    try:
-        record = read_json_file(manifest, ConfigError)
-    except ConfigError:
-        return None
-    files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
-        return None
-    return {*files, MANIFEST_FILENAME}
-
-
-def _first_unlisted(folder: Path, listed: set[str]) -> str | None:
-    """The first entry below ``folder`` that is none of ``listed`` nor a folder holding one; None if there is none.
-
-    Python's bytecode caches are not the user's: running the bundle's ``serving/`` sources writes them.
-    """
-    folders = {str(parent) for name in listed for parent in PurePosixPath(name).parents}
-    for root, subfolders, files in os.walk(folder):
-        here = PurePosixPath(Path(root).relative_to(folder).as_posix())
-        subfolders.sort()
-        for name in sorted(files):
-            if (here / name).as_posix() not in listed and not (here.name == "__pycache__" and name.endswith(".pyc")):
-                return (here / name).as_posix()
-        for name in subfolders:
-            entry = here / name
-            # os.walk lists a symlink to a folder among the folders without entering it; the export writes none.
-            if Path(root, name).is_symlink() and entry.as_posix() not in listed:
-                return entry.as_posix()
-            if entry.as_posix() not in folders and name != "__pycache__":
-                return entry.as_posix()
-    return None
-
-
-def refuse_unless_replaceable(folder: Path, shown: Path | None = None) -> None:
-    """Refuse a ``folder`` that exists and is neither empty nor an earlier bundle with nothing added to it.
-
-    ``shown`` is the path named in the error (the folder's own name while it sits under a temporary one).
-
-    Raises:
-        ConfigError: naming the folder and what in it the export did not write.
-    """
-    if not folder.exists():
-        return
-    name = shown or folder
-    if not folder.is_dir():
-        raise ConfigError(f"output: {name} is a file; format=animl writes a folder")
-    if not any(folder.iterdir()):
-        return
-    listed = _listed_files(folder)
-    if listed is None:
-        raise ConfigError(
-            f"output: {name} is not empty and holds no bundle of format=animl (no readable {MANIFEST_FILENAME}); "
-            "it replaces only an empty folder or its own earlier bundle: choose a new folder"
-        )
-    unlisted = _first_unlisted(folder, listed)
-    if unlisted is not None:
-        raise ConfigError(
-            f"output: {name} holds {unlisted}, which format=animl did not write there; the export replaces the whole "
-            "folder: move that away or choose a new folder"
-        )
-
-
-def output_folder(output: str | Path) -> Path:
-    """``output`` as the absolute bundle folder, once it is sure that writing there loses nothing of the user's.
-
-    Refused: the current folder and those above it (``output=.``), a file, and a folder holding anything that is
-    not an earlier bundle (:func:`refuse_unless_replaceable`).
-
-    Raises:
-        ConfigError: naming ``output`` and why.
-    """
-    # Resolved, so that `.`, `..`, a trailing slash and a symlink name the folder that would really be replaced.
-    target = Path(output).resolve()
-    here = Path.cwd().resolve()
-    if target == here or target in here.parents:
-        raise ConfigError(
-            f"output: {output} is the current folder or one above it ({target}); format=animl replaces its output "
-            "folder: give a new folder, e.g. output=animl_model"
-        )
-    refuse_unless_replaceable(target)
-    return target
 
 
 def write_animl_bundle(

@@ -422,7 +422,7 @@ def _tree(folder: Path) -> dict[str, bytes | None]:
 def test_export_animl_refuses_a_folder_it_did_not_write_and_touches_nothing(
     checkpoint: Path, bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from animl_lightning.deploy.animl_bundle import output_folder
+    from animl_lightning.deploy.bundle_folder import output_folder
     from animl_lightning.export import main
 
     work = tmp_path / "work"  # a user's working folder: a document and a folder of photos
