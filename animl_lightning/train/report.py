@@ -13,8 +13,8 @@ the model may apply on its own and the share of crops that covers (:func:`automa
 words (:data:`COLUMN_TITLES`), the crop rule is a sentence, the header names the run folder, not a path of the
 machine that trained it; the 18 columns of ``thresholds.csv`` are two tables; galleries are shown at their own size
 so their captions stay readable; a reliability point averages equally many crops, at least
-:data:`RELIABILITY_CROPS_PER_BIN` where the split has enough (:func:`reliability_points`), and the page says how
-many it had.
+:data:`~animl_lightning.train.report_figures.RELIABILITY_CROPS_PER_BIN` where the split has enough
+(:mod:`animl_lightning.train.report_figures`), and the page says how many it had.
 
 The page is one file: images are embedded as base64 PNG, there is no script, and long tables fold into HTML's own
 ``<details>`` (readable without JavaScript, mailable, offline). With many labels it stays light: tables of more
@@ -25,8 +25,6 @@ errors only. Plots are drawn with matplotlib, the page with a Jinja2 template (`
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
@@ -48,6 +46,12 @@ from animl_lightning.core.files import atomic_write_text
 from animl_lightning.core.taxonomy import RANKS
 from animl_lightning.train.checkpointing import read_checkpoint
 from animl_lightning.train.history import HISTORY_FILENAME
+from animl_lightning.train.report_figures import (
+    RELIABILITY_CROPS_PER_BIN,
+    file_png,
+    reliability_diagram,
+    training_curves,
+)
 from animl_lightning.train.scores import confusion_of, per_label_table
 from animl_lightning.train.sweeps import read_run_results
 
@@ -63,11 +67,6 @@ TEMPLATE = "report.html.j2"
 PACKAGES = ("animl-lightning", "torch", "timm", "lightning", "torchmetrics", "hydra-core", "pandas", "numpy")
 # Labels with fewer train locations than this are named as a known limit (the model saw too few backgrounds).
 FEW_LOCATIONS = 3
-# A reliability point averages at least this many crops (fewer make a zig-zag of noise), with between
-# RELIABILITY_MIN_BINS and RELIABILITY_MAX_BINS points per split.
-RELIABILITY_CROPS_PER_BIN = 30
-RELIABILITY_MIN_BINS = 3
-RELIABILITY_MAX_BINS = 15
 # The headers a reader sees instead of the CSV column names (scores.py and thresholds.py define the figures).
 COLUMN_TITLES: dict[str, str] = {
     "n": "count",
@@ -173,97 +172,6 @@ def frame_table(frame: pd.DataFrame, title: str, settings: ReportSettings, note:
     numeric = ["num" if pd.api.types.is_numeric_dtype(frame[c]) else "" for c in frame.columns]
     columns = [column_title(str(c)) for c in frame.columns]
     return Table(title, columns, rows, len(rows) > settings.table_rows, note, numeric)
-
-
-def _png(figure: Any) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _file_png(path: Path) -> str | None:
-    return base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else None
-
-
-def training_curves(history: pd.DataFrame) -> str | None:
-    """Loss, balanced accuracy and learning rate per epoch, as one embedded PNG (None without a history)."""
-    if history.empty or "epoch" not in history.columns:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(12, 3.4))
-    FigureCanvasAgg(figure)
-    panels = (
-        ("loss", ["train/loss", "val/loss"]),
-        ("balanced accuracy", ["train/balanced_accuracy", "val/balanced_accuracy"]),
-        ("learning rate", ["lr"]),
-    )
-    for k, (title, columns) in enumerate(panels, start=1):
-        axes = figure.add_subplot(1, 3, k)
-        for column in columns:
-            if column in history.columns and history[column].notna().any():
-                axes.plot(history["epoch"], history[column], marker="o", markersize=3, label=column)
-        axes.set_title(title)
-        axes.set_xlabel("epoch")
-        if len(columns) > 1:
-            axes.legend(fontsize=8)
-    figure.tight_layout()
-    return _png(figure)
-
-
-def reliability_bins(crops: int) -> int:
-    """Points of a reliability curve over ``crops`` crops: about :data:`RELIABILITY_CROPS_PER_BIN` crops each,
-    between :data:`RELIABILITY_MIN_BINS` and :data:`RELIABILITY_MAX_BINS`."""
-    return int(min(RELIABILITY_MAX_BINS, max(RELIABILITY_MIN_BINS, crops // RELIABILITY_CROPS_PER_BIN)))
-
-
-def reliability_points(confidence: np.ndarray, correct: np.ndarray) -> pd.DataFrame:
-    """``confidence, accuracy, crops`` per bin of equally many crops (by rising confidence), :func:`reliability_bins`
-    bins: equal-count bins keep every point on the same number of crops, where equal-width bins leave a few crops
-    alone at low confidence and draw noise."""
-    order = np.argsort(confidence, kind="stable")
-    rows = [
-        (float(confidence[part].mean()), float(correct[part].mean()), len(part))
-        for part in np.array_split(order, min(reliability_bins(len(order)), len(order)))
-        if len(part)
-    ]
-    return pd.DataFrame(rows, columns=["confidence", "accuracy", "crops"])
-
-
-def reliability_diagram(predictions: dict[str, pd.DataFrame], labels: list[str]) -> tuple[str | None, list[str]]:
-    """Accuracy against confidence per split (the diagonal is perfect calibration), as an embedded PNG, and one line
-    per split saying how many crops each point rests on."""
-    if not predictions:
-        return None, []
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 4.5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
-    notes = []
-    for split, frame in predictions.items():
-        if frame.empty:
-            continue
-        confidence = frame[labels].to_numpy(dtype=float).max(axis=1)
-        correct = (frame["prediction"] == frame["label"]).to_numpy(dtype=float)
-        points = reliability_points(confidence, correct)
-        axes.plot(points["confidence"], points["accuracy"], marker="o", label=split)
-        few = len(frame) < RELIABILITY_MIN_BINS * RELIABILITY_CROPS_PER_BIN
-        notes.append(
-            f"{split}: {len(frame)} crops in {len(points)} bins of about {len(frame) // max(len(points), 1)} crops"
-            + (" (too few crops for a close reading: each point is uncertain)" if few else "")
-        )
-    axes.set_xlabel("confidence (top probability)")
-    axes.set_ylabel("accuracy")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1)
-    axes.legend()
-    axes.set_title("reliability")
-    figure.tight_layout()
-    return _png(figure), notes
 
 
 def crop_rule_text(rule: dict[str, Any]) -> str:
@@ -515,7 +423,7 @@ def _galleries(run_dir: Path, metrics: Path, settings: ReportSettings) -> list[d
     out = []
     for label in chosen["label"]:
         for split in ("val", "test"):
-            image = _file_png(root / split / f"{label}.png")
+            image = file_png(root / split / f"{label}.png")
             if image is not None:
                 out.append({"label": str(label), "split": split, "png": image})
     return out
@@ -598,7 +506,7 @@ def build_report(run_dir: str | Path, settings: ReportSettings | None = None) ->
             continue
         matrix = matrix.set_index(matrix.columns[0])
         if len(matrix) <= settings.confusion_max_labels:
-            confusions.append({"split": split, "png": _file_png(metrics / f"confusion_{split}.png"), "table": None})
+            confusions.append({"split": split, "png": file_png(metrics / f"confusion_{split}.png"), "table": None})
         else:
             table = frame_table(top_confusions(matrix, 30), f"{split}: the 30 largest confusions", settings)
             confusions.append({"split": split, "png": None, "table": table})

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from animl_lightning.train.galleries import caption_font_size
-from animl_lightning.train.report import automation_sentence, reliability_points
+from animl_lightning.train.report import automation_sentence
+from animl_lightning.train.report_figures import reliability_points
 from tests.fixtures.browser import Browser
 from tests.fixtures.datasets import make_prepared_dataset
 from tests.fixtures.hydra import FAST_OVERRIDES
