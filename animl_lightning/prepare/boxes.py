@@ -37,8 +37,9 @@ from animl_lightning.core.cct import CctProject, suspect_paths
 from animl_lightning.core.files import UnsafePathError, safe_relative
 from animl_lightning.core.image_boxes import clip_boxes
 from animl_lightning.core.issues import PrepareReport
-from animl_lightning.core.megadetector import DetectionResults
+from animl_lightning.core.megadetector import DetectionResults, load_detections
 from animl_lightning.prepare.config import DetectionSettings
+from animl_lightning.prepare.stage import PrepareRun, Stage, StageOutcome, need
 
 log = logging.getLogger(__name__)
 
@@ -378,3 +379,25 @@ def collect_boxes(
     report.set_count(STAGE, "images_with_boxes", int(boxes["image_id"].nunique()))
     log.info("boxes: %d (%d ground truth, %d detector)", len(boxes), len(gt), len(md))
     return boxes
+
+
+class BoxesStage(Stage):
+    """Always runs (it is quick): the boxes of the detections file, then those of the detect stage."""
+
+    name = STAGE
+
+    def run(self, run: PrepareRun) -> StageOutcome:
+        """Leave the boxes table on ``run.boxes``."""
+        settings = run.settings
+        if settings.detections_file is not None and run.given is None:
+            run.given = load_detections(settings.detections_file, run.report)
+        detected = run.detection_run.detections if run.detection_run is not None else None
+        boxes = collect_boxes(
+            need(run.project, "the ingested project"),
+            need(run.images, "the images table"),
+            [d for d in (run.given, detected) if d is not None],
+            settings.detections,
+            run.report,
+        )
+        run.boxes = boxes
+        return StageOutcome(detail=f"{len(boxes)} boxes", counts={"boxes": len(boxes)})

@@ -21,9 +21,12 @@ from animl_lightning.core.contract import (
     write_label_index,
 )
 from animl_lightning.core.errors import AnimlError, DataError
+from animl_lightning.core.files import atomic_write_text
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.sequences import sequence_keys, time_block_keys
+from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, read_taxonomy
 from animl_lightning.prepare.config import SplitSettings
+from animl_lightning.prepare.stage import PrepareRun, Stage, StageOutcome, file_digest, need
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +193,32 @@ def _apply_min_locs(frame: pd.DataFrame, dataset: str, min_locs: int, report: Pr
             f"({per_label}); lower split.min_locs or add data"
         )
     return frame.loc[keep].reset_index(drop=True)
+
+
+class DatasetStage(Stage):
+    """Always runs: write ``classification_ds.csv``, ``label_index.json`` and the taxonomy of ``labels.*``."""
+
+    name = STAGE
+
+    def fingerprint(self, run: PrepareRun) -> str | None:
+        """The digest of ``classification_ds.csv`` (what the splits stage depends on)."""
+        return file_digest(run.output_dir / CSV_FILENAME)
+
+    def run(self, run: PrepareRun) -> StageOutcome:
+        """Leave the table on ``run.frame`` and its labels on ``run.labels``."""
+        settings, split = run.settings, run.split
+        labelled = need(run.labelled, "the labelled boxes")
+        frame = build_dataset_frame(
+            labelled, run.dataset, split.min_locs, run.report, settings.sequences.max_gap_s, split
+        )
+        labels = write_dataset_files(frame, run.output_dir)
+        run.frame, run.labels = frame, labels
+        detail = f"{len(frame)} crops, {len(labels)} labels"
+        taxonomy_path = run.output_dir / TAXONOMY_FILENAME
+        if settings.labels.taxonomy_file:
+            taxonomy = read_taxonomy(settings.labels.taxonomy_file, labels)
+            atomic_write_text(taxonomy_path, taxonomy.to_csv())
+            detail += ", taxonomy"
+        else:
+            taxonomy_path.unlink(missing_ok=True)  # a taxonomy of an earlier run does not describe these labels
+        return StageOutcome(detail=detail, counts={"crops": len(frame), "labels": len(labels)})

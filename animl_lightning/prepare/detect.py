@@ -46,6 +46,7 @@ from animl_lightning.prepare.boxes import detector_candidates
 from animl_lightning.prepare.config import DetectorSettings
 from animl_lightning.prepare.detector_file import INSTALL_HINT
 from animl_lightning.prepare.megadetector_process import CHECKPOINT_BACKUP_SUFFIX, DetectorRequest
+from animl_lightning.prepare.stage import SKIPPED, PrepareRun, Stage, StageOutcome, need
 
 log = logging.getLogger(__name__)
 
@@ -333,3 +334,42 @@ def _run_child(request: DetectorRequest, run_dir: Path, output_dir: Path) -> Non
     if isinstance(failure, dict) and isinstance(failure.get("error"), str):
         raise DetectError(f"{failure['error']} (MegaDetector's output: {log_path})")
     raise DetectError(f"MegaDetector stopped with exit status {status}; its output is in {log_path}")
+
+
+class DetectStage(Stage):
+    """With ``detector.model_file``: MegaDetector on the images that need detector boxes; current when none did."""
+
+    name = STAGE
+
+    def wanted(self, run: PrepareRun) -> bool:
+        """Only with ``detector.model_file``."""
+        return run.settings.detector.model_file is not None
+
+    def fingerprint(self, run: PrepareRun) -> str | None:
+        """The run key and the image stats of the results (see the module docstring)."""
+        return need(run.detection_run, "the detect stage's outcome").fingerprint
+
+    def run(self, run: PrepareRun) -> StageOutcome:
+        """Leave the given detections on ``run.given`` and what this stage ran on ``run.detection_run``."""
+        settings = run.settings
+        if settings.detections_file is not None:
+            run.given = load_detections(settings.detections_file, run.report)
+        outcome = run_detect_stage(
+            need(run.project, "the ingested project"),
+            need(run.images, "the images table"),
+            run.images_dir,
+            run.output_dir,
+            settings.detector,
+            run.given,
+            run.report,
+            force=settings.force,
+        )
+        run.detection_run = outcome
+        if outcome.detections is not None:
+            run.report.info["detector_results"] = str(run.output_dir / RESULTS_FILENAME)
+        counts = {"detected": outcome.detected, "candidates": outcome.candidates, "reused": outcome.reused}
+        return StageOutcome(
+            SKIPPED if outcome.detected == 0 else "ran",
+            f"{outcome.detected}/{outcome.candidates} images run, {outcome.reused} known",
+            counts,
+        )

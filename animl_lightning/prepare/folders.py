@@ -44,6 +44,7 @@ from animl_lightning.core.files import UnsafePathError, atomic_write_json, read_
 from animl_lightning.core.imaging import ImageLoadError, image_display_size
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import FolderSettings, SplitSettings
+from animl_lightning.prepare.stage import SKIPPED, PrepareRun, Stage, StageOutcome
 
 log = logging.getLogger(__name__)
 
@@ -508,3 +509,37 @@ def build_folder_source(
 def folder_dataset_name(root: str | Path) -> str:
     """The default dataset name of a folder source: the root folder's own name."""
     return Path(root).resolve().name or "folders"
+
+
+class FoldersStage(Stage):
+    """With ``folders.root``: write the CCT file that ingest reads; current when no header had to be read again."""
+
+    name = STAGE
+
+    def wanted(self, run: PrepareRun) -> bool:
+        """Only with ``folders.root``."""
+        return run.settings.folders.root is not None
+
+    def fingerprint(self, run: PrepareRun) -> str | None:
+        """The digest of the CCT file written."""
+        return run.coco_digest()
+
+    def run(self, run: PrepareRun) -> StageOutcome:
+        """Scan the tree (reusing the scan of the last run unless ``force``) and write ``run.coco_file``."""
+        settings = run.settings
+        source = build_folder_source(
+            settings.folders,
+            run.output_dir,
+            run.report,
+            # With MegaDetector results (given, or run by the detect stage) the boxes come from them, as for a CCT
+            # export without boxes.
+            whole_image_boxes=settings.detections_file is None and settings.detector.model_file is None,
+            reuse_scan=not settings.force,
+        )
+        counts = {"images": len(source.images), "headers_read": source.headers_read}
+        outcome = StageOutcome(
+            detail=f"{counts['images']} images, {counts['headers_read']} headers read", counts=counts
+        )
+        if source.headers_read == 0 and run.is_current(self.name, self.fingerprint(run)):
+            outcome.status = SKIPPED
+        return outcome

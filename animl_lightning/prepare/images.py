@@ -20,6 +20,7 @@ configuration are ever logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import sys
@@ -35,10 +36,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from animl_lightning.core.errors import AnimlError, DataError
-from animl_lightning.core.files import UnsafePathError, atomic_write, safe_join, safe_relative
+from animl_lightning.core.files import UnsafePathError, atomic_write, remove_stale_temporaries, safe_join, safe_relative
 from animl_lightning.core.image_boxes import fill_image_sizes
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import S3Settings
+from animl_lightning.prepare.stage import RAN, SKIPPED, PrepareRun, Stage, StageOutcome, fingerprint_of, need
 
 log = logging.getLogger(__name__)
 
@@ -458,3 +460,36 @@ def _download_all(
         counts["failed"],
     )
     return available
+
+
+class ImagesStage(Stage):
+    """Make every image available; after a finished download of the same export, only check that they still are."""
+
+    name = STAGE
+
+    def fingerprint(self, run: PrepareRun) -> str | None:
+        """The CCT file, the images folder and the S3 settings."""
+        return fingerprint_of(run.coco_digest(), str(run.images_dir), dataclasses.asdict(run.settings.s3))
+
+    def run(self, run: PrepareRun) -> StageOutcome:
+        """Leave the images table (with ``available``) on ``run.images``."""
+        project = need(run.project, "the ingested project")
+        s3 = run.settings.s3 if run.settings.s3.bucket else None
+        status = RAN
+        if s3 is not None:
+            # A download killed mid-transfer leaves its temporary file in images_dir; nothing else removes it.
+            stale = remove_stale_temporaries(run.images_dir)
+            if stale:
+                run.report.count(STAGE, "stale_temporaries_removed", stale)
+        if s3 is not None and run.is_current(self.name, self.fingerprint(run)):
+            # A finished download of the same export: only confirm the files are still there (no S3 requests).
+            images = ensure_images(project.images, run.images_dir, None, run.report)
+            if not bool(images["available"].all()):
+                images = ensure_images(project.images, run.images_dir, s3, run.report)
+            else:
+                status = SKIPPED
+        else:
+            images = ensure_images(project.images, run.images_dir, s3, run.report)
+        run.images = images
+        counts = {"available": int(images["available"].sum()), "images": len(images)}
+        return StageOutcome(status, f"{counts['available']}/{counts['images']} available", counts)

@@ -41,6 +41,7 @@ from animl_lightning.core.errors import AnimlError, DataError
 from animl_lightning.core.files import read_json_file
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import LabelSettings
+from animl_lightning.prepare.stage import PrepareRun, Stage, StageOutcome, need
 
 log = logging.getLogger(__name__)
 
@@ -465,3 +466,16 @@ def _parse_dataset_labels(raw: Any, where: str) -> dict[str, set[str]]:
             raise LabelSpecError(f"{where}, dataset {dataset!r}: expected a list of category names, got {names!r}")
         parsed[str(dataset)] = set(names)
     return parsed
+
+
+class LabelsStage(Stage):
+    """Always runs: map every cropped box's category to its output label."""
+
+    name = STAGE
+
+    def run(self, run: PrepareRun) -> StageOutcome:
+        """Leave the labelled boxes on ``run.labelled``."""
+        labelled = apply_labels(need(run.boxes, "the cropped boxes"), run.dataset, run.settings.labels, run.report)
+        run.labelled = labelled
+        labels = int(labelled["label"].nunique())
+        return StageOutcome(detail=f"{labels} labels", counts={"labels": labels})

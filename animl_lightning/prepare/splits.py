@@ -19,6 +19,7 @@ by more than the tolerance is a warning that names the cause (dominant groups, t
 ``split.strict=true`` an error.
 """
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from animl_lightning.prepare.split_search import (
     split_smallest_first,
     split_targets,
 )
+from animl_lightning.prepare.stage import SKIPPED, PrepareRun, Stage, StageOutcome, file_digest, fingerprint_of, need
 
 log = logging.getLogger(__name__)
 
@@ -492,3 +494,34 @@ def _reused_test_mask(groups: Sequence[LocationKey], reuse: str, report: Prepare
         )
     report.set_count(STAGE, "reused_test_locations", int(mask.sum()))
     return mask
+
+
+class SplitsStage(Stage):
+    """Assign whole groups to splits; current when the table, the split settings and ``split.reuse`` are unchanged."""
+
+    name = STAGE
+
+    def fingerprint(self, run: PrepareRun) -> str | None:
+        """The dataset stage's fingerprint of this run, the split settings and the digest of ``split.reuse``."""
+        split = run.split
+        reuse_digest = file_digest(Path(split.reuse)) if split.reuse else None
+        return fingerprint_of(run.info["stages"]["dataset"], dataclasses.asdict(split), reuse_digest)
+
+    def run(self, run: PrepareRun) -> StageOutcome:
+        """Write (or, when current, read back and review) the splits; leave the table and diagnosis on ``run``."""
+        frame, split = need(run.frame, "the dataset table"), run.split
+        splits_path = run.output_dir / SPLITS_FILENAME
+        report_path = run.output_dir / SPLIT_REPORT_FILENAME
+        outcome = StageOutcome()
+        if run.is_current(self.name, self.fingerprint(run)) and splits_path.is_file() and report_path.is_file():
+            table = pd.read_csv(report_path, dtype={"label": "string", "split": "string"})
+            diagnosis = review_splits(frame, read_splits(splits_path), split, run.report)
+            outcome.status = SKIPPED
+        else:
+            made = make_splits(frame, split, run.report)
+            diagnosis = made.diagnosis
+            table = write_split_files(frame, made.splits, run.output_dir, split.group_by, diagnosis.targets)
+        run.split_table, run.split_diagnosis = table, diagnosis
+        splits = table["split"].nunique() if not table.empty else 0
+        outcome.detail, outcome.counts = f"{splits} splits", {"splits": int(splits)}
+        return outcome

@@ -499,21 +499,22 @@ def test_a_dying_worker_costs_only_its_image(tmp_path: Path, monkeypatch: pytest
     import os
 
     import animl_lightning.prepare.crop_stage as crops
+    import animl_lightning.prepare.crop_workers as workers
 
     (tmp_path / "images").mkdir()
     rows = []
     for i in range(6):
         _scene((120, 90), (10, 10, 40, 40)).save(tmp_path / "images" / f"{i}.jpg")
         rows.append(_row(f"{i}.jpg", (10, 10, 40, 40), (120, 90), "a"))
-    real = crops._crop_one_image
+    real = workers.crop_one_image
 
-    def crashing(job: crops._ImageJob, *args: object) -> list[crops._Outcome]:
+    def crashing(job: workers.ImageJob, *args: object) -> list[workers.Outcome]:
         if job.file_name == "3.jpg":
             os._exit(3)  # what a segfaulting decoder or the OOM killer looks like from the pool
         return real(job, *args)  # type: ignore[arg-type]
 
     # fork, so that the children run the patched function
-    monkeypatch.setattr(crops, "_crop_one_image", crashing)
+    monkeypatch.setattr(workers, "crop_one_image", crashing)
     monkeypatch.setattr(crops, "_pool_context", lambda: multiprocessing.get_context("fork"))
     result, report = _run(tmp_path, rows, workers=2)
     assert result["crop_ok"].tolist() == [True, True, True, False, True, True]

@@ -23,7 +23,8 @@ from animl_lightning.core.contract import (
     read_splits,
 )
 from animl_lightning.core.issues import REPORT_FILENAME
-from animl_lightning.prepare.pipeline import PrepareSummary, format_summary, run_prepare
+from animl_lightning.prepare.pipeline import STAGES, PrepareSummary, format_summary, run_prepare
+from animl_lightning.prepare.stage import SKIPPED, PrepareRun, Stage, StageOutcome, fingerprint_of, need
 from tests.fixtures.cct import write_cct
 from tests.fixtures.hydra import REPO_ROOT, prepare_settings
 
@@ -298,3 +299,43 @@ def test_missing_taxonomy_file_stops_before_any_stage(tmp_path: Path) -> None:
     )
     assert result.returncode == 2 and "labels.taxonomy_file: nope.csv does not exist" in result.stderr
     assert not (out / CSV_FILENAME).exists()
+
+
+class _CountingStage(Stage):
+    """A stage added to the list, as a new one would be: fingerprinted by the labels, current on a second run."""
+
+    name = "count"
+
+    def fingerprint(self, run: PrepareRun) -> str | None:
+        return fingerprint_of(run.labels)
+
+    def run(self, run: PrepareRun) -> StageOutcome:
+        frame = need(run.frame, "the dataset table")
+        if run.is_current(self.name, self.fingerprint(run)):
+            return StageOutcome(SKIPPED, "nothing new")
+        return StageOutcome(detail=f"{len(frame)} rows", counts={"rows": len(frame)})
+
+
+def test_the_stage_list_is_the_one_source_of_stages_and_a_new_stage_is_a_line(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    summary = _run(f"output_dir={out}", "crops.workers=1", *SMALL_DEMO)
+    # the summary follows STAGES (folders and detect are not wanted without folders.root / detector.model_file)
+    wanted = [s.name for s in STAGES if s.name not in ("folders", "detect")]
+    assert [s.name for s in summary.stages] == wanted
+    assert format_summary(summary).index("\ningest ") < format_summary(summary).index("\nsplits ")
+    info = json.loads((out / INFO_FILENAME).read_text())
+    assert set(info["stages"]) == {"images", "crops", "dataset", "splits"}
+
+    at = [s.name for s in STAGES].index("dataset") + 1
+    stages = (*STAGES[:at], _CountingStage(), *STAGES[at:])
+    settings = prepare_settings([f"output_dir={out}", "crops.workers=1", *SMALL_DEMO])
+    first = run_prepare(settings, stages)
+    assert [s.name for s in first.stages] == [*wanted[: wanted.index("dataset") + 1], "count", "splits"]
+    [count] = [s for s in first.stages if s.name == "count"]
+    rows = len(load_prepared_dataset(out).frame)
+    assert (count.status, count.detail, count.counts) == ("ran", f"{rows} rows", {"rows": rows})
+    assert "\ncount     ran " in format_summary(first)
+    assert "count" in json.loads((out / INFO_FILENAME).read_text())["stages"]
+
+    again = {s.name: s.status for s in run_prepare(settings, stages).stages}
+    assert again["count"] == again["crops"] == again["splits"] == "skipped (current)"
