@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import InputFileError
 from animl_lightning.core.files import UnsafePathError, read_json_file, safe_relative
 from animl_lightning.core.image_boxes import clip_with_positions
 from animl_lightning.core.issues import PrepareReport
@@ -45,7 +45,7 @@ ANNOTATION_COLUMNS = ("annotation_id", "image_id", "category_id", "category", "x
 _NONE_TYPE = type(None)
 
 
-class CctError(AnimlError, ValueError):
+class CctError(InputFileError):
     """The CCT file as a whole cannot be used; the message names the file (and the JSON position)."""
 
 

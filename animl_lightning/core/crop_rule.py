@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import ConfigError, InputFileError
 from animl_lightning.core.imaging import (
     DecodedImage,
     ImageHeader,
@@ -73,7 +73,7 @@ _DOWNSCALE = Image.Resampling.BOX
 _REDUCING_GAP = 1.0
 
 
-class CropError(AnimlError, ValueError):
+class CropError(InputFileError):
     """A box gives no crop (not finite, or smaller than a pixel once rounded and clipped to the image)."""
 
 

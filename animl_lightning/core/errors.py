@@ -2,8 +2,10 @@
 
 Every error this project raises for a bad input, a bad setting or an unusable file derives from :class:`AnimlError`,
 so each entry point catches that one type and prints its message as one line (exit status 2). Anything else that
-escapes is a bug and keeps its traceback. Subclasses that replace a ``ValueError`` raised before also derive from
-``ValueError``, so callers that caught that keep working.
+escapes is a bug and keeps its traceback. Each error belongs to one of three groups, by what the user must do:
+:class:`ConfigError` (fix a setting), :class:`InputFileError` (fix an input file or record) and
+:class:`ResourceError` (free or reach a resource: a folder another run holds, a full disk, a process that could not
+run). The first two also derive from ``ValueError``, so callers that caught that keep working.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ class InputFileError(AnimlError, ValueError):
     """An input or output file cannot be used; the message names the file, the record and the field."""
 
 
-class RunLockedError(AnimlError):
+class ResourceError(AnimlError):
+    """A resource the command needs is not available (held by another run, full, unreachable, or a child process that
+    could not run); the message names it."""
+
+
+class RunLockedError(ResourceError):
     """Another process is already working on the same output folder."""
 
 
-class DataError(AnimlError, ValueError):
+class DataError(InputFileError):
     """Data handed to a computation cannot be used (empty, out of range, inconsistent); the message says which."""

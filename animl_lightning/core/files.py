@@ -26,7 +26,7 @@ TMP_MARKER = ".tmp-"
 LOCK_FILENAME = ".animl-lightning.lock"
 
 
-class UnsafePathError(AnimlError, ValueError):
+class UnsafePathError(InputFileError):
     """A path taken from input data would leave the folder it must stay in."""
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import InputFileError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ _FAST_JPEG_MODES = frozenset({"RGB", "L"})
 _TRANSFORMABLE_SAMPLING = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1)})
 
 
-class ImageLoadError(AnimlError, ValueError):
+class ImageLoadError(InputFileError):
     """An image cannot be used; ``kind`` is the report kind (``missing_image``, ``truncated_image``, ...)."""
 
     def __init__(self, kind: str, message: str) -> None:

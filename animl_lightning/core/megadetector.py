@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import InputFileError
 from animl_lightning.core.files import read_json_file
 from animl_lightning.core.issues import PrepareReport
 
@@ -35,7 +35,7 @@ STANDARD_CATEGORIES = {"1": "animal", "2": "person", "3": "vehicle"}
 DEGENERATE_BOX = "degenerate_box"  # the record problem kind of a box with no area
 
 
-class DetectionsError(AnimlError, ValueError):
+class DetectionsError(InputFileError):
     """The detections file cannot be used; the message names the file (and the JSON position, or record and field)."""
 
 

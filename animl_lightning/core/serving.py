@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from animl_lightning.core.crop_rule import CropRule, model_input, open_for_boxes
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import AnimlError, InputFileError
 from animl_lightning.core.preprocessing import EvalTransform
 
 BUNDLE_FILENAME = "bundle.json"
@@ -42,7 +42,7 @@ Predict = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 MAX_REQUEST_PIXELS = 150_000_000
 
 
-class RequestError(AnimlError, ValueError):
+class RequestError(InputFileError):
     """A request that cannot be answered; the message is the one-line reason returned with a 4xx status."""
 
     def __init__(self, message: str, status: int = 400) -> None:
@@ -50,7 +50,7 @@ class RequestError(AnimlError, ValueError):
         self.status = status
 
 
-class BundleError(AnimlError, ValueError):
+class BundleError(InputFileError):
     """An exported bundle folder is incomplete or malformed; the message names the file and field."""
 
 

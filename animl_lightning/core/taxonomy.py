@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import InputFileError
 
 RANKS: tuple[str, ...] = ("class", "order", "family", "genus", "species")
 TAXONOMY_FILENAME = "taxonomy.csv"
 TAXONOMY_KEY = "taxonomy"  # the checkpoint's top-level key
 
 
-class TaxonomyError(AnimlError, ValueError):
+class TaxonomyError(InputFileError):
     """The taxonomy file does not fit the labels; the message names the file, row and field."""
 
 

@@ -20,7 +20,7 @@ from animl_lightning.core.contract import (
     write_classification_csv,
     write_label_index,
 )
-from animl_lightning.core.errors import AnimlError, DataError
+from animl_lightning.core.errors import DataError, InputFileError
 from animl_lightning.core.files import atomic_write_text
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.sequences import sequence_keys, time_block_keys
@@ -36,7 +36,7 @@ DATASET_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, *EXTRA_COLUMNS, "sequence
 _NEEDED = ("crop_path", "location", "dataset_class", "confidence", "label", "crop_ok")
 
 
-class EmptyDatasetError(AnimlError, ValueError):
+class EmptyDatasetError(InputFileError):
     """No crop is left to build a dataset from; the message says which step removed the last ones."""
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 
 from animl_lightning.core.cct import CctProject
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import ResourceError
 from animl_lightning.core.files import remove_stale_temporaries
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.megadetector import DetectionResults, load_detections
@@ -61,7 +61,7 @@ METADATA_KEY = "animl_lightning"
 Stat = tuple[int, int]  # (size in bytes, modification time in ns): an image file as it was when it was detected
 
 
-class DetectError(AnimlError, RuntimeError):
+class DetectError(ResourceError, RuntimeError):
     """MegaDetector could not run or did not finish; one line (the child's own output is in the log it names)."""
 
 

@@ -39,7 +39,7 @@ from typing import Any
 from PIL import Image
 
 from animl_lightning.core.cct import UNKNOWN_LOCATION
-from animl_lightning.core.errors import AnimlError, InputFileError
+from animl_lightning.core.errors import InputFileError
 from animl_lightning.core.files import UnsafePathError, atomic_write_json, read_json_file, safe_relative
 from animl_lightning.core.imaging import ImageLoadError, image_display_size
 from animl_lightning.core.issues import PrepareReport
@@ -60,7 +60,7 @@ _HEADER_THREADS = 8
 _EXIF_DATETIME = re.compile(r"^(\d{4})[:-](\d{2})[:-](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 
 
-class FolderSourceError(AnimlError, ValueError):
+class FolderSourceError(InputFileError):
     """``folders.root`` gives no usable image; the message names the folder and what was found instead."""
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from animl_lightning.core.errors import AnimlError, DataError
+from animl_lightning.core.errors import ConfigError, DataError
 from animl_lightning.core.files import UnsafePathError, atomic_write, remove_stale_temporaries, safe_join, safe_relative
 from animl_lightning.core.image_boxes import fill_image_sizes
 from animl_lightning.core.issues import PrepareReport
@@ -89,7 +89,7 @@ FATAL_CODES = frozenset(
 )
 
 
-class ImagesError(AnimlError, ValueError):
+class ImagesError(ConfigError):
     """The images stage cannot run at all (S3 settings or credentials); the message names the setting."""
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from animl_lightning.core.errors import AnimlError, DataError
+from animl_lightning.core.errors import DataError, InputFileError
 from animl_lightning.core.files import read_json_file
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import LabelSettings
@@ -50,7 +50,7 @@ SPEC_KEYS = ("dataset_labels", "taxa", "exclude", "max_count", "prioritize")
 EXCLUDE_KEYS = ("dataset_labels", "taxa")
 
 
-class LabelSpecError(AnimlError, ValueError):
+class LabelSpecError(InputFileError):
     """A label specification is malformed or contradictory; the message names the file, the label and the key."""
 
 

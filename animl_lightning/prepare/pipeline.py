@@ -27,7 +27,7 @@ import pandas as pd
 
 from animl_lightning import __version__
 from animl_lightning.core.contract import INFO_FILENAME, DatasetError, read_prepare_info, write_prepare_info
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import AnimlError, InputFileError
 from animl_lightning.core.files import remove_stale_temporaries, run_lock
 from animl_lightning.core.issues import REPORT_FILENAME, PrepareReport
 from animl_lightning.core.taxonomy import TaxonomyError
@@ -67,7 +67,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-class PrepareError(AnimlError, ValueError):
+class PrepareError(InputFileError):
     """A stage could not run on its input; the message names the stage, file, record and field."""
 
 

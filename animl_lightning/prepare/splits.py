@@ -37,7 +37,7 @@ from animl_lightning.core.contract import (
     read_splits,
     write_splits,
 )
-from animl_lightning.core.errors import AnimlError, ConfigError, DataError
+from animl_lightning.core.errors import ConfigError, DataError
 from animl_lightning.core.files import atomic_write
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import SplitSettings
@@ -59,7 +59,7 @@ STAGE = "splits"
 ALL_LABELS = "*"
 
 
-class SplitTargetError(AnimlError, ValueError):
+class SplitTargetError(ConfigError):
     """``split.strict=true`` and an overall share is further than ``split.tolerance`` from its target."""
 
 

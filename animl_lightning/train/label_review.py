@@ -47,7 +47,7 @@ import pandas as pd
 from PIL import Image
 
 from animl_lightning.core.contract import SPLIT_NAMES, PreparedDataset, check_crop_files, load_prepared_dataset
-from animl_lightning.core.errors import AnimlError, require
+from animl_lightning.core.errors import InputFileError, require
 from animl_lightning.core.files import atomic_write, atomic_write_text, interrupts_deferred, safe_join
 from animl_lightning.train.galleries import gallery_filename
 from animl_lightning.train.prediction_record import (
@@ -100,7 +100,7 @@ UNCERTAIN_COLUMNS: tuple[str, ...] = (
 )
 
 
-class ReviewError(AnimlError, ValueError):
+class ReviewError(InputFileError):
     """A run folder cannot be reviewed; the message names the folder or file and says what to do."""
 
 

@@ -41,7 +41,7 @@ import pandas as pd
 import yaml
 
 from animl_lightning.core.contract import SPLIT_NAMES, crop_groups, load_prepared_dataset
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import AnimlError, ConfigError, InputFileError
 from animl_lightning.core.files import atomic_write_text
 from animl_lightning.core.taxonomy import RANKS
 from animl_lightning.train.checkpointing import read_checkpoint
@@ -91,7 +91,7 @@ COLUMN_TITLES: dict[str, str] = {
 }
 
 
-class ReportError(AnimlError, ValueError):
+class ReportError(InputFileError):
     """The run folder cannot be reported (not a train.py run folder, no tables)."""
 
 
