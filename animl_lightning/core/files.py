@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import signal
@@ -28,6 +29,15 @@ LOCK_FILENAME = ".animl-lightning.lock"
 
 class UnsafePathError(InputFileError):
     """A path taken from input data would leave the folder it must stay in."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (datasets, checkpoints and model files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json_file(path: str | Path, error: type[AnimlError] = InputFileError) -> Any:

@@ -21,12 +21,12 @@ from animl_lightning.core.contract import (
     write_label_index,
 )
 from animl_lightning.core.errors import DataError, InputFileError
-from animl_lightning.core.files import atomic_write_text
+from animl_lightning.core.files import atomic_write_text, file_sha256
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.sequences import sequence_keys, time_block_keys
 from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, read_taxonomy
 from animl_lightning.prepare.config import SplitSettings
-from animl_lightning.prepare.stage import PrepareRun, Stage, StageOutcome, file_digest, need
+from animl_lightning.prepare.stage import PrepareRun, Stage, StageOutcome, need
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class DatasetStage(Stage):
 
     def fingerprint(self, run: PrepareRun) -> str | None:
         """The digest of ``classification_ds.csv`` (what the splits stage depends on)."""
-        return file_digest(run.output_dir / CSV_FILENAME)
+        return file_sha256(run.output_dir / CSV_FILENAME)
 
     def run(self, run: PrepareRun) -> StageOutcome:
         """Leave the table on ``run.frame`` and its labels on ``run.labels``."""

@@ -39,7 +39,7 @@ import pandas as pd
 
 from animl_lightning.core.cct import CctProject
 from animl_lightning.core.errors import ResourceError
-from animl_lightning.core.files import remove_stale_temporaries
+from animl_lightning.core.files import file_sha256, remove_stale_temporaries
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.core.megadetector import DetectionResults, load_detections
 from animl_lightning.prepare.boxes import detector_candidates
@@ -82,15 +82,6 @@ class DetectOutcome:
     candidates: int
     reused: int
     detected: int
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def megadetector_version() -> str:

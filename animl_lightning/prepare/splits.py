@@ -38,7 +38,7 @@ from animl_lightning.core.contract import (
     write_splits,
 )
 from animl_lightning.core.errors import ConfigError, DataError
-from animl_lightning.core.files import atomic_write
+from animl_lightning.core.files import atomic_write, file_sha256
 from animl_lightning.core.issues import PrepareReport
 from animl_lightning.prepare.config import SplitSettings
 from animl_lightning.prepare.split_search import (
@@ -50,7 +50,7 @@ from animl_lightning.prepare.split_search import (
     split_smallest_first,
     split_targets,
 )
-from animl_lightning.prepare.stage import SKIPPED, PrepareRun, Stage, StageOutcome, file_digest, fingerprint_of, need
+from animl_lightning.prepare.stage import SKIPPED, PrepareRun, Stage, StageOutcome, fingerprint_of, need
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +504,7 @@ class SplitsStage(Stage):
     def fingerprint(self, run: PrepareRun) -> str | None:
         """The dataset stage's fingerprint of this run, the split settings and the digest of ``split.reuse``."""
         split = run.split
-        reuse_digest = file_digest(Path(split.reuse)) if split.reuse else None
+        reuse_digest = file_sha256(Path(split.reuse)) if split.reuse else None
         return fingerprint_of(run.info["stages"]["dataset"], dataclasses.asdict(split), reuse_digest)
 
     def run(self, run: PrepareRun) -> StageOutcome:

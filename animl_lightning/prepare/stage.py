@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pandas as pd
 
+from animl_lightning.core.files import file_sha256
+
 if TYPE_CHECKING:  # the stage modules import this one
     from animl_lightning.core.cct import CctProject
     from animl_lightning.core.issues import PrepareReport
@@ -93,7 +95,7 @@ class PrepareRun:
     def coco_digest(self) -> str:
         """SHA-256 of the CCT file (read once per run)."""
         if self._coco_digest is None:
-            self._coco_digest = file_digest(self.coco_file)
+            self._coco_digest = file_sha256(self.coco_file)
         return self._coco_digest
 
 
@@ -125,15 +127,6 @@ def need(value: _T | None, what: str) -> _T:
 def fingerprint_of(*parts: object) -> str:
     """SHA-256 of ``parts`` as sorted-key JSON (anything not JSON by its ``str``)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def frame_digest(frame: pd.DataFrame, columns: list[str]) -> str:

@@ -9,7 +9,6 @@ labels. A run trained before this record existed has predictions without it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +16,12 @@ from typing import Any
 
 from animl_lightning.core.contract import CSV_FILENAME, LABEL_INDEX_FILENAME, SPLITS_FILENAME
 from animl_lightning.core.errors import InputFileError
-from animl_lightning.core.files import atomic_write_json, read_json_file
+from animl_lightning.core.files import atomic_write_json, file_sha256, read_json_file
 
 PREDICTIONS_RECORD_FILENAME = "predictions.json"
 RECORD_FORMAT = 1
 # The dataset files whose contents decide what a crop path means: its label, its split, the label order.
 FINGERPRINTED: tuple[str, ...] = (CSV_FILENAME, LABEL_INDEX_FILENAME, SPLITS_FILENAME)
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in chunks (a ``classification_ds.csv`` can be hundreds of MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def dataset_fingerprint(data_dir: str | Path) -> dict[str, str]:
