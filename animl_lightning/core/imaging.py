@@ -88,6 +88,16 @@ def rgbx(image: Image.Image) -> np.ndarray:
     return np.asarray(to_rgb(image).convert("RGBX"))
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes; a missing or unreadable file is an :class:`ImageLoadError` naming it."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as err:
+        raise ImageLoadError("missing_image", f"{path}: file not found") from err
+    except OSError as err:
+        raise ImageLoadError("unreadable_image", f"{path}: {err}") from err
+
+
 def _open(source: Path | io.BytesIO, path: Path, max_pixels: int | None = None) -> Image.Image:
     """Open (header only); refuse more than ``max_pixels`` pixels (default: PIL's ``Image.MAX_IMAGE_PIXELS``)."""
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -280,13 +290,7 @@ def decode_image(
         ImageLoadError: missing, not an image, truncated or corrupt, or over the decompression-bomb limit.
     """
     path = Path(path)
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as err:
-            raise ImageLoadError("missing_image", f"{path}: file not found") from err
-        except OSError as err:
-            raise ImageLoadError("unreadable_image", f"{path}: {err}") from err
+    data = _read_bytes(path) if data is None else data
     image = _open(io.BytesIO(data), path, max_pixels)
     try:
         orientation = _orientation(image)
@@ -358,13 +362,7 @@ def read_header(path: Path | str, data: bytes | None = None, max_pixels: int | N
         ImageLoadError: missing, not an image, or over the decompression-bomb limit (``max_pixels``, default PIL's).
     """
     path = Path(path)
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as err:
-            raise ImageLoadError("missing_image", f"{path}: file not found") from err
-        except OSError as err:
-            raise ImageLoadError("unreadable_image", f"{path}: {err}") from err
+    data = _read_bytes(path) if data is None else data
     image = _open(io.BytesIO(data), path, max_pixels)
     try:
         mcu, fallback = lossless_grid(image)
