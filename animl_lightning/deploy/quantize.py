@@ -2,10 +2,13 @@
 
 Animl's endpoints are CPU-only; on CPUs with VNNI (AVX512-VNNI, AVX-VNNI) int8 convolutions run several times
 faster than float32 ones. The int8 model is made from the float32 export by ONNX Runtime's ``quantize_static``
-(QDQ format, int8 weights per output channel, uint8 activations, MinMax ranges), with activation ranges measured on
+(QDQ format, int8 weights per output channel, uint8 activations), with activation ranges measured on
 crops of the checkpoint's val split: the prepared dataset ``hyper_parameters.data_dir`` names (or ``int8.data_dir``),
 read with :func:`~animl_lightning.core.contract.load_prepared_dataset`, each crop preprocessed with the checkpoint's
-:class:`~animl_lightning.core.crop_rule.EvalTransform` exactly as validation did.
+:class:`~animl_lightning.core.crop_rule.EvalTransform` exactly as validation did. ``int8.calibration_method`` picks
+how a range is set from those activations: ``minmax`` (their extremes, the default), ``entropy`` (the range that keeps
+the KL divergence of the histogram smallest) or ``percentile`` (the 99.999th percentile of absolute values), ONNX
+Runtime's three calibrators.
 
 The int8 model is then compared with the float32 one on the val crops (every one by default, the calibration crops
 included): the share of crops whose top-1 label is the same (``top1_agreement``) and, per label, the recall of each
@@ -39,8 +42,11 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
 SPLIT = "val"
-QUANTIZATION = "onnxruntime quantize_static: QDQ, int8 per-channel weights, uint8 activations, MinMax ranges"
-# Crops per calibration batch (the MinMax calibrator keeps only each tensor's min and max of a batch).
+QUANTIZATION = "onnxruntime quantize_static: QDQ, int8 per-channel weights, uint8 activations"
+# int8.calibration_method -> onnxruntime.quantization.CalibrationMethod member name.
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+# Crops per calibration batch (the MinMax calibrator keeps only each tensor's min and max of a batch; the histogram
+# calibrators get one crop per batch, see quantize).
 CALIBRATION_BATCH = 16
 CHECK_BATCH = 16
 _SAMPLE_SEED = 0
@@ -59,12 +65,14 @@ class Int8Settings:
         calibration_crops: val crops (a fixed random sample) whose activation ranges set the quantization.
         check_crops: val crops the agreement is measured on; None = every one.
         data_dir: the prepared dataset; None = the checkpoint's ``data_dir``.
+        calibration_method: how activation ranges are set, one of :data:`CALIBRATION_METHODS`.
     """
 
     min_agreement: float = 0.99
     calibration_crops: int = 256
     check_crops: int | None = None
     data_dir: str | None = None
+    calibration_method: str = "minmax"
 
     def __post_init__(self) -> None:
         require(0.0 <= self.min_agreement <= 1.0, "int8.min_agreement", f"must be in [0, 1], got {self.min_agreement}")
@@ -73,6 +81,11 @@ class Int8Settings:
             self.check_crops is None or self.check_crops >= 1,
             "int8.check_crops",
             f"must be >= 1 or null (every val crop), got {self.check_crops}",
+        )
+        require(
+            self.calibration_method in CALIBRATION_METHODS,
+            "int8.calibration_method",
+            f"must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}",
         )
 
 
@@ -167,8 +180,8 @@ def crop_batches(
         yield chunk, inputs
 
 
-def quantize(fp32_model: bytes, crops: ValCrops, transform: EvalTransform) -> bytes:
-    """The int8 model of ``fp32_model``, its activation ranges measured on the calibration crops."""
+def quantize(fp32_model: bytes, crops: ValCrops, transform: EvalTransform, method: str = "minmax") -> bytes:
+    """The int8 model of ``fp32_model``, its activation ranges set by ``method`` from the calibration crops."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -180,7 +193,10 @@ def quantize(fp32_model: bytes, crops: ValCrops, transform: EvalTransform) -> by
 
     class CropReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = crop_batches(crops.paths, crops.calibration, transform, CALIBRATION_BATCH)
+            # ONNX Runtime's histogram calibrators stack every batch of a tensor into one array, which fails when
+            # the last batch is smaller: one crop per batch for them (they keep every crop's activations either way).
+            size = CALIBRATION_BATCH if method == "minmax" else 1
+            self.batches = crop_batches(crops.paths, crops.calibration, transform, size)
 
         def get_next(self) -> dict[str, NDArray[np.float32]] | None:
             batch = next(self.batches, None)
@@ -206,7 +222,7 @@ def quantize(fp32_model: bytes, crops: ValCrops, transform: EvalTransform) -> by
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=CalibrationMethod[CALIBRATION_METHODS[method]],
             )
         except QuantizationError:
             raise
@@ -255,12 +271,13 @@ def agreement(
     }
 
 
-def int8_identity(fp32_identity: dict[str, Any], crops: ValCrops) -> dict[str, Any]:
+def int8_identity(fp32_identity: dict[str, Any], crops: ValCrops, settings: Int8Settings) -> dict[str, Any]:
     """The cache identity of the int8 model made from the float32 model of ``fp32_identity`` on ``crops``."""
     return {
         **fp32_identity,
         "precision": "int8",
         "quantization": QUANTIZATION,
+        "calibration_method": settings.calibration_method,
         "calibration_batch": CALIBRATION_BATCH,
         "crops_sha256": crops.digest(),
         "quantizer_source_sha256": source_digest("deploy/quantize.py"),
@@ -302,10 +319,10 @@ def build_int8(
             crops.data_dir,
             len(crops.check),
         )
-        data = quantize(source, crops, loaded.transform)
+        data = quantize(source, crops, loaded.transform, settings.calibration_method)
         reference = OnnxClassifier(source, INPUT_NAME)
         quantized = OnnxClassifier(data, INPUT_NAME)
-        report = agreement(reference, quantized, crops, loaded)
+        report = {**agreement(reference, quantized, crops, loaded), "calibration_method": settings.calibration_method}
         report["seconds"] = round(time.perf_counter() - started, 1)
         return data, report
 
@@ -316,7 +333,9 @@ def build_int8(
         data, report = build()
         session = open_model(data)
     else:
-        session, entry = cache.get_or_build(int8_identity(fp32_identity, crops), build, open_model, "int8 ONNX model")
+        session, entry = cache.get_or_build(
+            int8_identity(fp32_identity, crops, settings), build, open_model, "int8 ONNX model"
+        )
         data, report = entry.data, dict(entry.record)
     report = {**report, "min_agreement": settings.min_agreement}
     check_agreement(report)

@@ -197,3 +197,41 @@ def test_animl_bundle_serves_the_int8_model_when_asked(
     (folder / "bundle.json").write_text(json.dumps(description))
     with pytest.raises(BundleError, match=r"has no int8 model \(field 'onnx_int8_file'\)"):
         create_app(folder, precision="int8")
+
+
+def test_calibration_method_is_one_of_onnx_runtimes(
+    dataset_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        f"checkpoint={dataset_checkpoint}",
+        f"output={tmp_path / 'model.onnx'}",
+        "precision=int8",
+        "int8.calibration_method=kl",
+    ]
+    assert _run("export", args, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "int8.calibration_method: must be one of minmax, entropy, percentile, got 'kl'" in err
+    assert "Traceback" not in err and not (tmp_path / "model.onnx").exists()
+
+
+def test_each_calibration_method_makes_its_own_cached_int8_model(
+    loaded: LoadedClassifier, warm_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from animl_lightning.deploy.export import cached_onnx
+
+    cache = OnnxCache(warm_cache)
+
+    def fp32_model() -> bytes:
+        return cached_onnx(loaded, cache, lambda data: data)[1].data
+
+    percentile = Int8Settings(min_agreement=0.0, calibration_method="percentile")
+    with caplog.at_level(logging.INFO, logger="animl_lightning.deploy"):
+        _, data, report = build_int8(loaded, percentile, fp32_model, onnx_identity(loaded), cache)
+    # The minmax model of warm_cache is not taken for the percentile one.
+    assert "built the int8 ONNX model" in caplog.text, caplog.text
+    assert report["calibration_method"] == "percentile" and 0.0 <= report["top1_agreement"] <= 1.0
+    graph = onnx.load_from_string(data).graph
+    assert any(node.op_type == "QuantizeLinear" for node in graph.node)
+    minmax = build_int8(loaded, LENIENT, fp32_model, onnx_identity(loaded), cache)[1]
+    # The 99.999th percentile clips the largest activations: other ranges, other quantization scales.
+    assert data != minmax
