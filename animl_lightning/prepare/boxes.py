@@ -391,7 +391,7 @@ class BoxesStage(Stage):
         settings = run.settings
         if settings.detections_file is not None and run.given is None:
             run.given = load_detections(settings.detections_file, run.report)
-        detected = run.detection_run.detections if run.detection_run is not None else None
+        detected = run.detected
         boxes = collect_boxes(
             need(run.project, "the ingested project"),
             need(run.images, "the images table"),

@@ -338,10 +338,10 @@ class DetectStage(Stage):
 
     def fingerprint(self, run: PrepareRun) -> str | None:
         """The run key and the image stats of the results (see the module docstring)."""
-        return need(run.detection_run, "the detect stage's outcome").fingerprint
+        return need(run.detect_fingerprint, "the detect stage's fingerprint")
 
     def run(self, run: PrepareRun) -> StageOutcome:
-        """Leave the given detections on ``run.given`` and what this stage ran on ``run.detection_run``."""
+        """Leave the given detections on ``run.given``, and what this stage found on ``run.detected``."""
         settings = run.settings
         if settings.detections_file is not None:
             run.given = load_detections(settings.detections_file, run.report)
@@ -355,7 +355,7 @@ class DetectStage(Stage):
             run.report,
             force=settings.force,
         )
-        run.detection_run = outcome
+        run.detected, run.detect_fingerprint = outcome.detections, outcome.fingerprint
         if outcome.detections is not None:
             run.report.info["detector_results"] = str(run.output_dir / RESULTS_FILENAME)
         counts = {"detected": outcome.detected, "candidates": outcome.candidates, "reused": outcome.reused}

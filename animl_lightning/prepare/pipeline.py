@@ -47,7 +47,8 @@ from animl_lightning.prepare.folders import STAGE as STAGE_FOLDERS
 from animl_lightning.prepare.images import ImagesStage
 from animl_lightning.prepare.ingest import IngestStage
 from animl_lightning.prepare.labels import LabelsStage
-from animl_lightning.prepare.splits import ALL_LABELS, SplitDiagnosis, SplitsStage, format_shares
+from animl_lightning.prepare.split_diagnosis import SplitDiagnosis
+from animl_lightning.prepare.splits import ALL_LABELS, SplitsStage, format_shares
 from animl_lightning.prepare.stage import PrepareRun, Stage
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,7 @@ if TYPE_CHECKING:  # the stage modules import this one
     from animl_lightning.core.issues import PrepareReport
     from animl_lightning.core.megadetector import DetectionResults
     from animl_lightning.prepare.config import PrepareSettings, SplitSettings
-    from animl_lightning.prepare.detect import DetectOutcome
-    from animl_lightning.prepare.splits import SplitDiagnosis
+    from animl_lightning.prepare.split_diagnosis import SplitDiagnosis
 
 Status = Literal["ran", "skipped (current)"]
 RAN: Status = "ran"
@@ -62,7 +61,7 @@ class PrepareRun:
         split: ``settings.split``, or what the folders source changed of it (no locations to group by).
         previous: stage name -> fingerprint of the last run's finished stages (empty with ``force=true``).
         info: the ``prepare_info.json`` being written; a stage may add its own keys (the crops stage does).
-        project, images, given, detection_run, boxes, labelled, frame, labels: the artifacts of ingest, images,
+        project, images, given, detected, boxes, labelled, frame, labels: the artifacts of ingest, images,
             the detections file, detect, boxes, labels and dataset, in that order; None until their stage ran.
         split_table, split_diagnosis: the splits stage's ``split_report.csv`` table and its diagnosis.
     """
@@ -79,7 +78,8 @@ class PrepareRun:
     project: CctProject | None = None
     images: pd.DataFrame | None = None
     given: DetectionResults | None = None
-    detection_run: DetectOutcome | None = None
+    detected: DetectionResults | None = None
+    detect_fingerprint: str | None = None
     boxes: pd.DataFrame | None = None
     labelled: pd.DataFrame | None = None
     frame: pd.DataFrame | None = None

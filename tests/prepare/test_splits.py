@@ -112,7 +112,13 @@ def test_shares_reach_the_targets_whenever_the_groups_allow(counts: np.ndarray, 
     sizes = counts.sum(axis=1)
     if sizes.max() <= 0.05 * sizes.sum():  # fine-grained enough that a within-tolerance partition surely exists
         np.testing.assert_array_less(np.abs(shares(counts, assignment) - [0.6, 0.2, 0.2]), 0.05 + 1e-12)
-    np.testing.assert_array_less(np.abs(shares(counts, assignment) - reachable), 0.05 + 1e-12)
+    # The reachable targets can be met when the groups that may go to val or test are fine-grained; one coarse group
+    # (e.g. 16% of the crops beside a dominant 81%) can leave every partition further off (found by hypothesis:
+    # camera_trap_counts(default_rng(1635), 15, 3, 0.8, 0), best possible 0.067).
+    allowed = admissible(counts, 0.2, 0.2)
+    movable = sizes[allowed[:, 1] | allowed[:, 2]]
+    if movable.size and movable.max() <= 0.05 * sizes.sum():
+        np.testing.assert_array_less(np.abs(shares(counts, assignment) - reachable), 0.05 + 1e-12)
 
 
 def all_admissible(counts: np.ndarray, val_frac: float, test_frac: float) -> list[np.ndarray]:
