@@ -178,6 +178,7 @@ def prepare_args(coco_file: Path, images_dir: Path, output_dir: Path, *extra: st
     return [f"coco_file={coco_file}", f"images_dir={images_dir}", f"output_dir={output_dir}", *PREPARE_ARGS, *extra]
 
 
+@pytest.mark.slow
 def test_prepare_killed_in_the_crop_stage_resumes_to_the_same_result(
     demo: tuple[Path, Path, dict[str, bytes]], tmp_path: Path
 ) -> None:

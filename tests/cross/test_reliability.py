@@ -75,6 +75,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[Path, int], Path]]:
 # --- 1. checkpoints survive a full disk and a kill -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_last_good_checkpoint(
     data_dir: Path, tmp_path: Path, tmpfs: Callable[[Path, int], Path]
 ) -> None:
@@ -137,6 +138,7 @@ def test_a_kill_during_a_checkpoint_save_keeps_the_previous_one(data_dir: Path, 
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_checkpoints_are_written_in_their_own_folder_not_the_temp_folder(data_dir: Path, tmp_path: Path) -> None:
     # Lightning's writer staged checkpoints in the system temp folder and fell back to a truncating copy when that
     # was another file system; nothing may be staged there now.
@@ -175,6 +177,7 @@ def test_resume_refuses_a_checkpoint_of_other_labels_or_crops(data_dir: Path, tm
 # --- 3. a damaged crop -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_damaged_crop_is_redone_by_prepare_and_named_by_train(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     run_prepare(prepare_settings([f"output_dir={out}", "crops.workers=1", *SMALL_DEMO]))
@@ -227,6 +230,7 @@ def test_classify_resume_with_another_checkpoint_classifies_again(tmp_path: Path
 # --- 5. exact resume with a loader worker --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_with_a_loader_worker_is_exact(data_dir: Path, tmp_path: Path) -> None:
     overrides = ["data.num_workers=1", "scheduler.T_max=3", "test=false", "seed=11"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
@@ -246,6 +250,7 @@ def test_resume_with_a_loader_worker_is_exact(data_dir: Path, tmp_path: Path) ->
 # --- 7. a failed sweep job does not stop the sweep ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_failed_sweep_job_is_a_failed_row_and_the_sweep_goes_on(data_dir: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = run_command(
@@ -349,6 +354,7 @@ def test_an_s3_endpoint_that_never_answers_stops_prepare_early(
 # --- 9. two runs on one folder ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_prepare_on_the_same_folder_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     args = [f"output_dir={out}", "crops.workers=1", "demo.locations=6", "demo.images_per_location=40"]
@@ -374,6 +380,7 @@ def test_a_second_prepare_on_the_same_folder_is_refused(tmp_path: Path) -> None:
     assert read_splits(out / "splits.json")["train"]
 
 
+@pytest.mark.slow
 def test_train_into_a_folder_in_use_is_refused(data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -483,6 +490,7 @@ def test_output_folders_that_cannot_be_used_are_one_line_errors(
         assert expected in line and "output" in line
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_the_tables_is_named(
     data_dir: Path, tmp_path: Path, tmpfs: Callable[[Path, int], Path]
 ) -> None:
@@ -521,6 +529,7 @@ def test_huge_image_sizes_in_the_cct_are_reported_not_a_traceback(tmp_path: Path
 # --- Ctrl-C ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_says_how_to_resume_and_writes_no_partial_tables(data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [
@@ -550,6 +559,7 @@ def test_ctrl_c_during_training_says_how_to_resume_and_writes_no_partial_tables(
     assert (run / "metrics" / "per_label.csv").is_file()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_prepare_resumes_with_the_same_command(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     args = [
@@ -588,6 +598,7 @@ def test_ctrl_c_during_prepare_resumes_with_the_same_command(tmp_path: Path) -> 
 NOISE = ("litlogger", "LeafSpec", "Total FLOPs: 0", "num_workers", "anonymous setting", "Traceback")
 
 
+@pytest.mark.slow
 def test_a_demo_run_prints_no_library_noise(data_dir: Path, tmp_path: Path) -> None:
     result = run_command(
         "train.py",
@@ -605,6 +616,7 @@ def test_a_demo_run_prints_no_library_noise(data_dir: Path, tmp_path: Path) -> N
     assert "Total FLOPs" in output  # the summary counts them now
 
 
+@pytest.mark.slow
 def test_export_says_what_it_wrote_once_without_exporter_chatter(trained: Path, tmp_path: Path) -> None:
     result = run_command("export", [f"checkpoint={trained}", "format=onnx", f"output={tmp_path / 'm.onnx'}"])
     assert result.returncode == 0, result.stderr
@@ -613,6 +625,7 @@ def test_export_says_what_it_wrote_once_without_exporter_chatter(trained: Path, 
     assert "unused nodes" not in output and "constant folding" not in output
 
 
+@pytest.mark.slow
 def test_wandb_offline_prints_no_deprecation(data_dir: Path, tmp_path: Path) -> None:
     result = run_command(
         "train.py",

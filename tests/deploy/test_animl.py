@@ -459,6 +459,7 @@ def test_export_animl_refuses_a_folder_it_did_not_write_and_touches_nothing(
     assert output_folder(empty) == empty  # an empty folder is fine to replace
 
 
+@pytest.mark.slow
 def test_export_animl_replaces_its_own_earlier_bundle(checkpoint: Path, bundle: Path, tmp_path: Path) -> None:
     earlier = tmp_path / "animl_model"
     shutil.copytree(bundle, earlier)

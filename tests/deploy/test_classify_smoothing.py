@@ -123,6 +123,7 @@ def test_sequence_smoothing_matches_megadetectors_and_keeps_the_models_classific
     assert results["errors"] == [] and results["warnings"] == []
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_from_the_models_classifications(
     checkpoint: Path, bursts: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
@@ -137,6 +138,7 @@ def test_a_rerun_resumes_from_the_models_classifications(
     assert not any(BEFORE_SMOOTHING in d for d in _all(raw_again))
 
 
+@pytest.mark.slow
 def test_folder_and_time_rule_without_sequence_information(
     checkpoint: Path, bursts: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

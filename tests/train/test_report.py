@@ -108,6 +108,7 @@ def test_every_section_table_row_and_image_is_there(run: Path) -> None:
     assert "Known limits" in text and "Intended use" in text
 
 
+@pytest.mark.slow
 def test_the_command_rebuilds_the_same_page(run: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -124,6 +125,7 @@ def test_the_command_rebuilds_the_same_page(run: Path, tmp_path: Path) -> None:
     assert "has no metrics/per_label.csv" in result.stderr and result.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_report_as_an_artifact(run: Path, tmp_path: Path) -> None:
     data = run.parent / "data"
     folder = tmp_path / "wandb_run"
