@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(new-format checkpoint, the same model in main's old layout)."""
     root = tmp_path_factory.mktemp("legacy")
     new = write_checkpoint(
-        root / "new" / "best.ckpt", crop_strategy="pad", crop_max_size=200, tta="hflip", data_dir=root / "data"
+        root / "new" / "best.ckpt", crop_rule=CropRule("pad", 200), tta="hflip", data_dir=root / "data"
     )
     store_calibration(new, {"method": "temperature_scaling", "temperature": 1.7})
     update_checkpoint(new, THRESHOLDS_KEY, THRESHOLDS)
