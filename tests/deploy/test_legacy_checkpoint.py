@@ -1,7 +1,8 @@
 """A checkpoint written before the model record still loads, and classify and export give the same answers on it.
 
-The old checkpoint is written by hand in the layout main wrote at 24ace46 (:mod:`tests.fixtures.legacy_checkpoint`),
-around the weights, calibration and thresholds of a checkpoint written now by a real Lightning fit.
+The old checkpoint is written by hand in the layouts main wrote at 24ace46 and, with lossless crops, at 8d120f4
+(:mod:`tests.fixtures.legacy_checkpoint`), around the weights, calibration and thresholds of a checkpoint written now
+by a real Lightning fit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from animl_lightning.deploy.inference import load_classifier
 from animl_lightning.train.calibration import store_calibration
 from animl_lightning.train.checkpointing import read_checkpoint, update_checkpoint
 from animl_lightning.train.classifier import CropClassifier
-from tests.fixtures.legacy_checkpoint import MAIN_HPARAM_KEYS, MAIN_TOP_LEVEL_KEYS, write_legacy_checkpoint
+from tests.fixtures.legacy_checkpoint import LAYOUTS, MAIN_TOP_LEVEL_KEYS, main_hparam_keys, write_legacy_checkpoint
 from tests.fixtures.models import CLASS_NAMES, IMAGE_SIZE, write_checkpoint, write_megadetector_file
 
 SETTINGS = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=0, top_k=3, backend="torch")
@@ -33,17 +34,26 @@ THRESHOLDS = {"per_label": {"bird": 0.6, "deer": 0.7, "fox": 0.8, "rabbit": None
 FILE_FIELDS = {"checkpoint", "checkpoint_sha256", "classifier", "classification_completion_time"}
 
 
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def rule(layout: str) -> CropRule:
+    # The older layout has no key for lossless crops; the newer one records them.
+    return CropRule("pad", 200, lossless=LAYOUTS[layout])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, layout: str, rule: CropRule) -> tuple[Path, Path]:
     """(new-format checkpoint, the same model in main's old layout)."""
-    root = tmp_path_factory.mktemp("legacy")
-    new = write_checkpoint(
-        root / "new" / "best.ckpt", crop_rule=CropRule("pad", 200), tta="hflip", data_dir=root / "data"
-    )
+    root = tmp_path_factory.mktemp(f"legacy_{layout}")
+    new = write_checkpoint(root / "new" / "best.ckpt", crop_rule=rule, tta="hflip", data_dir=root / "data")
     store_calibration(new, {"method": "temperature_scaling", "temperature": 1.7})
     update_checkpoint(new, THRESHOLDS_KEY, THRESHOLDS)
     (root / "old").mkdir()
-    return new, write_legacy_checkpoint(new, root / "old" / "best.ckpt")
+    return new, write_legacy_checkpoint(new, root / "old" / "best.ckpt", layout)
 
 
 def _without_file_fields(value: Any) -> Any:
@@ -54,24 +64,22 @@ def _without_file_fields(value: Any) -> Any:
     return value
 
 
-def test_the_old_checkpoint_has_mains_layout(checkpoints: tuple[Path, Path]) -> None:
+def test_the_old_checkpoint_has_mains_layout(checkpoints: tuple[Path, Path], layout: str, rule: CropRule) -> None:
     new, old = checkpoints
     raw = torch.load(old, weights_only=True)
     assert list(raw) == [*MAIN_TOP_LEVEL_KEYS, "calibration", "thresholds"]
-    assert list(raw["hyper_parameters"]) == list(MAIN_HPARAM_KEYS)
+    assert list(raw["hyper_parameters"]) == main_hparam_keys(layout)
     assert MODEL_KEY not in raw
     # The new layout: the model record, and the crop rule as one hyper-parameter.
     fresh = torch.load(new, weights_only=True)
-    assert (
-        fresh[MODEL_KEY]["crop_rule"] == fresh["hyper_parameters"]["crop_rule"] == {"strategy": "pad", "max_size": 200}
-    )
+    assert fresh[MODEL_KEY]["crop_rule"] == fresh["hyper_parameters"]["crop_rule"] == rule.to_dict()
     assert "crop_strategy" not in fresh["hyper_parameters"]
 
 
-def test_the_model_part_reads_the_same(checkpoints: tuple[Path, Path]) -> None:
+def test_the_model_part_reads_the_same(checkpoints: tuple[Path, Path], rule: CropRule) -> None:
     new, old = (DeployableModel.read(path) for path in checkpoints)
     assert old.labels == new.labels and list(old.labels) == CLASS_NAMES
-    assert old.crop_rule == new.crop_rule == CropRule("pad", 200)
+    assert old.crop_rule == new.crop_rule == rule
     assert dict(old.preprocessing) == dict(new.preprocessing)
     assert (
         (old.model_name, old.tta, old.temperature)
@@ -119,17 +127,18 @@ def _export_both(checkpoints: tuple[Path, Path], export_format: str, folder: Pat
     return answers
 
 
-def test_export_gives_the_same_model(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+def test_export_gives_the_same_model(checkpoints: tuple[Path, Path], rule: CropRule, tmp_path: Path) -> None:
     (new, new_sidecar), (old, old_sidecar) = _export_both(checkpoints, "torchscript", tmp_path)
     np.testing.assert_array_equal(old, new)
     assert _without_file_fields(old_sidecar) == _without_file_fields(new_sidecar)
     assert old_sidecar["label_index"] == {str(i): label for i, label in enumerate(CLASS_NAMES)}
-    assert (old_sidecar["crop_strategy"], old_sidecar["crop_max_size"], old_sidecar["tta"]) == ("pad", 200, "hflip")
+    loose = (old_sidecar["crop_strategy"], old_sidecar["crop_max_size"], old_sidecar["crop_lossless"])
+    assert loose == (rule.strategy, rule.max_size, rule.lossless) and old_sidecar["tta"] == "hflip"
     assert old_sidecar["temperature"] == pytest.approx(1.7)
     # The Animl bundle's description (labels, preprocessing, crop rule, temperature, thresholds).
     fresh, legacy = (bundle_description(load_classifier(path, device="cpu")) for path in checkpoints)
     assert _without_file_fields(legacy) == _without_file_fields(fresh)
-    assert legacy["crop_rule"] == {"strategy": "pad", "max_size": 200}
+    assert legacy["crop_rule"] == rule.to_dict()
 
 
 @pytest.mark.slow
@@ -139,11 +148,11 @@ def test_onnx_export_gives_the_same_model(checkpoints: tuple[Path, Path], tmp_pa
     assert _without_file_fields(old_sidecar) == _without_file_fields(new_sidecar)
 
 
-def test_training_reads_the_old_checkpoint(checkpoints: tuple[Path, Path]) -> None:
+def test_training_reads_the_old_checkpoint(checkpoints: tuple[Path, Path], rule: CropRule) -> None:
     new, old = checkpoints
-    assert read_checkpoint(old).crop_rule == read_checkpoint(new).crop_rule == CropRule("pad", 200)
+    assert read_checkpoint(old).crop_rule == read_checkpoint(new).crop_rule == rule
     restored = CropClassifier.from_checkpoint(old)
-    assert restored.crop_rule == CropRule("pad", 200) and restored.tta == "hflip"
+    assert restored.crop_rule == rule and restored.tta == "hflip"
     assert restored.temperature == pytest.approx(1.7)
     reference = CropClassifier.from_checkpoint(new).state_dict()
     assert all(torch.equal(value, reference[key]) for key, value in restored.state_dict().items())
