@@ -38,7 +38,7 @@ def test_training_writes_the_model_record(checkpoint: Path) -> None:
     record = raw[MODEL_KEY]
     assert record["format"] == 1 and record["model_name"] == "test_efficientnet"
     assert record["labels"] == {str(i): label for i, label in enumerate(CLASS_NAMES)}
-    assert record["crop_rule"] == {"strategy": "exact", "max_size": 128}
+    assert record["crop_rule"] == {"strategy": "exact", "max_size": 128, "lossless": False}
     assert record["preprocessing"] == raw["hyper_parameters"]["data_config"]
     assert record["preprocessing"]["input_size"] == [3, IMAGE_SIZE, IMAGE_SIZE]
     assert record["provenance"] == {

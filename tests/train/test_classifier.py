@@ -103,7 +103,11 @@ def test_hparams_hold_plain_class_names_and_data_config() -> None:
     hparams = model.hparams
     assert hparams["class_names"] == LABELS and type(hparams["class_names"]) is list
     assert hparams["model_name"] == "test_efficientnet"
-    assert hparams["crop_rule"] == {"strategy": "pad", "max_size": 256} and model.crop_rule == CropRule("pad", 256)
+    assert hparams["crop_rule"] == {
+        "strategy": "pad",
+        "max_size": 256,
+        "lossless": False,
+    } and model.crop_rule == CropRule("pad", 256)
     assert hparams["data_config"]["input_size"] == [3, 160, 160]  # timm's cfg for test_efficientnet
     assert set(hparams["data_config"]) >= {"input_size", "mean", "std", "interpolation", "crop_pct"}
     assert "optimizer" not in hparams and "scheduler" not in hparams

@@ -126,7 +126,7 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(fitted: tuple[Path, flo
     assert hparams["class_names"] == LABELS
     assert hparams["model_name"] == "test_efficientnet"
     assert hparams["data_config"]["input_size"] == [3, 64, 64]
-    assert hparams["crop_rule"] == {"strategy": "square", "max_size": 64}
+    assert hparams["crop_rule"] == {"strategy": "square", "max_size": 64, "lossless": False}
     assert raw[MODEL_KEY]["crop_rule"] == hparams["crop_rule"]
     assert raw[MODEL_KEY]["labels"] == {str(i): label for i, label in enumerate(LABELS)}
     model = CropClassifier.from_checkpoint(output / "checkpoints" / "best.ckpt")
