@@ -89,9 +89,7 @@ def build_model(cfg: DictConfig, datamodule: CropDataModule) -> CropClassifier:
         class_names=labels,
         optimizer=optimizer,
         scheduler=scheduler,
-        crop_strategy=crop_rule.strategy,
-        crop_max_size=crop_rule.max_size,
-        crop_lossless=crop_rule.lossless,
+        crop_rule=crop_rule.to_dict(),
         tta=str(cfg.eval.get("tta", "none")),
         _convert_="all",
     )

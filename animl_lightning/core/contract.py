@@ -44,6 +44,7 @@ from animl_lightning.core.crop_files import has_jpeg_markers
 from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.errors import AnimlError
 from animl_lightning.core.files import atomic_write, atomic_write_json, read_json_file, safe_relative
+from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, Taxonomy, read_taxonomy
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,9 @@ def write_classification_csv(frame: pd.DataFrame, path: str | Path) -> None:
 
 def write_label_index(labels: Iterable[str], path: str | Path) -> list[str]:
     """Write ``label_index.json`` for the sorted unique ``labels``; return that order."""
-    ordered = sorted({str(label) for label in labels})
-    atomic_write_json(path, {str(i): label for i, label in enumerate(ordered)})
-    return ordered
+    index = LabelIndex.sorted_from(labels)
+    atomic_write_json(path, index.to_dict())
+    return list(index)
 
 
 def write_splits(splits: Mapping[str, Iterable[Sequence[str]]], path: str | Path) -> None:
@@ -187,23 +188,7 @@ def read_classification_csv(path: str | Path) -> pd.DataFrame:
 def read_label_index(path: str | Path) -> list[str]:
     """Read ``label_index.json``; return labels in index order (keys must be "0".."n-1", labels unique)."""
     path = Path(path)
-    raw = read_json_file(path, DatasetError)
-    if not isinstance(raw, dict) or not raw:
-        raise DatasetError(f"{path}: expected a non-empty JSON object {{'0': label, ...}}")
-    try:
-        keyed = {int(k): v for k, v in raw.items()}
-    except (TypeError, ValueError) as err:
-        raise DatasetError(f"{path}: keys must be integer strings, got {list(raw)[:5]}") from err
-    if sorted(keyed) != list(range(len(keyed))):
-        raise DatasetError(f"{path}: keys must be 0..{len(keyed) - 1} without gaps, got {sorted(keyed)[:10]}")
-    labels = [keyed[i] for i in range(len(keyed))]
-    for i, label in enumerate(labels):
-        if not isinstance(label, str) or not label:
-            raise DatasetError(f"{path}: key {i!r}: label must be a non-empty string, got {label!r}")
-    duplicates = sorted({x for x in labels if labels.count(x) > 1})
-    if duplicates:
-        raise DatasetError(f"{path}: labels appear more than once: {duplicates}")
-    return labels
+    return list(LabelIndex.from_dict(read_json_file(path, DatasetError), str(path), DatasetError))
 
 
 def read_splits(path: str | Path) -> dict[str, list[LocationKey]]:

@@ -351,7 +351,7 @@ def _write_into(
         atomic_write_bytes(staging / INT8_FILENAME, quantized[0])
     atomic_write_bytes(staging / "model.pt", scripted)
     atomic_write_json(staging / BUNDLE_FILENAME, bundle_description(loaded, report))
-    atomic_write_json(staging / "index_to_name.json", {str(i): name for i, name in enumerate(loaded.class_names)})
+    atomic_write_json(staging / "index_to_name.json", loaded.labels.to_dict())
     build_mar(staging, model_id, version)
     record = mlmodel_record(loaded, model_id, version, description, threshold)
     if report is not None:

@@ -407,8 +407,8 @@ class _Job:
                 "detection_categories %s has no %r category: nothing to classify", categories, settings.category
             )
         self.rule = decision_rule(loaded, settings)
-        self.categories = decision_categories(loaded.class_names, loaded.taxonomy)
-        labels_only = {str(i): name for i, name in enumerate(loaded.class_names)}
+        self.categories = decision_categories(loaded.labels, loaded.taxonomy)
+        labels_only = loaded.labels.to_dict()
         self.output["classification_categories"] = self.categories.names if self.rule else labels_only
         if loaded.taxonomy is not None:
             self.output["classification_category_descriptions"] = {
@@ -716,6 +716,7 @@ def run_metadata(loaded: LoadedClassifier, settings: ClassifySettings, backend: 
         "detection_threshold": settings.threshold,
         "detection_category": settings.category,
         "min_conf": settings.min_conf,
+        # Loose keys, as in every output written so far: a rerun compares them to resume.
         "crop_strategy": loaded.crop_rule.strategy,
         "crop_max_size": loaded.crop_rule.max_size,
         "crop_lossless": loaded.crop_rule.lossless,
@@ -740,7 +741,7 @@ def _load_previous(
         raise ClassifyInputError(
             f"output_file: {error}; it exists but cannot be resumed: delete it or set resume=false"
         ) from error
-    expected = {str(i): name for i, name in enumerate(loaded.class_names)}
+    expected = loaded.labels.to_dict()
     written = previous.get("classification_categories") if isinstance(previous, dict) else None
     labels_written = {k: v for k, v in written.items() if k in expected} if isinstance(written, dict) else None
     if labels_written != expected:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.taxonomy import RANKS, Taxonomy
 
 UNKNOWN = "unknown"
@@ -44,13 +45,11 @@ class DecisionCategories:
         return int(category_id) >= self.label_count
 
 
-def decision_categories(labels: Sequence[str], taxonomy: Taxonomy | None) -> DecisionCategories:
+def decision_categories(labels: LabelIndex, taxonomy: Taxonomy | None) -> DecisionCategories:
     """The ids of ``unknown`` and of every taxon (module docstring), with their names and descriptions."""
     n = len(labels)
-    names = {str(i): name for i, name in enumerate(labels)}
-    descriptions = {
-        str(i): _seven(name, taxonomy.description(name) if taxonomy else "") for i, name in enumerate(labels)
-    }
+    names = labels.to_dict()
+    descriptions = {key: _seven(name, taxonomy.description(name) if taxonomy else "") for key, name in names.items()}
     unknown_id = str(n)
     names[unknown_id] = UNKNOWN if UNKNOWN not in labels else f"{UNKNOWN} (below threshold)"
     descriptions[unknown_id] = _seven(UNKNOWN, "")

@@ -34,10 +34,10 @@ from torch.jit._trace import TracerWarning
 from animl_lightning import __version__
 from animl_lightning.core.errors import AnimlError, ConfigError
 from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, check_writable
+from animl_lightning.core.model_file import FlipAveraged
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.deploy.onnx_cache import CachedModel, OnnxCache, package_versions, source_digest
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME
-from animl_lightning.train.classifier import FlipAveraged
 
 if TYPE_CHECKING:
     from animl_lightning.deploy.quantize import Int8Settings
@@ -208,7 +208,7 @@ def onnx_identity(loaded: LoadedClassifier, dynamic_size: bool | None = None) ->
         "input_size": list(loaded.transform.input_size),
         "dynamic_size": "architecture" if dynamic_size is None else dynamic_size,
         "opset": ONNX_OPSET,
-        "graph_source_sha256": source_digest("deploy/export.py", "train/classifier.py"),
+        "graph_source_sha256": source_digest("deploy/export.py", "core/model_file.py"),
         "versions": package_versions(),
     }
 
@@ -287,7 +287,7 @@ def sidecar(
         "format": export_format,
         "precision": precision,
         "model_name": loaded.model_name,
-        "label_index": {str(i): name for i, name in enumerate(loaded.class_names)},
+        "label_index": loaded.labels.to_dict(),
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "output": "probabilities = softmax(logits / temperature)",
@@ -299,6 +299,7 @@ def sidecar(
         "interpolation": pre.interpolation,
         "crop_pct": pre.crop_pct,
         "crop_mode": pre.crop_mode,
+        # The crop rule as loose keys: the sidecar's layout since its first version, which deployments read.
         "crop_strategy": loaded.crop_rule.strategy,
         "crop_max_size": loaded.crop_rule.max_size,
         "crop_lossless": loaded.crop_rule.lossless,

@@ -1,9 +1,9 @@
 """Run a trained checkpoint on new images: model and preprocessing from the checkpoint, crops made in memory.
 
-The checkpoint is the single source of truth for inference: class names, the preprocessing (input size, mean, std,
-interpolation, crop_pct) and the crop rule of the training crops come from its ``hyper_parameters``, the temperature
-from its ``calibration`` record, all read by :func:`animl_lightning.train.checkpointing.read_checkpoint`
-(``weights_only=True``, so a checkpoint file cannot run code). Images and boxes become model inputs through
+The checkpoint is the single source of truth for inference: the labels, the preprocessing (input size, mean, std,
+interpolation, crop_pct), the crop rule of the training crops and the temperature come from its model part, read by
+:class:`animl_lightning.core.model_file.DeployableModel` (``weights_only=True``, so a checkpoint file cannot run
+code). Images and boxes become model inputs through
 :func:`animl_lightning.core.crop_rule.model_input`, the path the ONNX server and the TorchServe handler share.
 """
 
@@ -25,10 +25,10 @@ from numpy.typing import NDArray
 
 from animl_lightning.core.crop_rule import Box, CropRule, CropSource, model_input, open_for_boxes
 from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.label_index import LabelIndex
+from animl_lightning.core.model_file import DeployableModel
 from animl_lightning.core.preprocessing import EvalTransform
 from animl_lightning.core.taxonomy import Taxonomy
-from animl_lightning.train.checkpointing import read_checkpoint
-from animl_lightning.train.classifier import CropClassifier
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class LoadedClassifier:
 
     Attributes:
         model: the timm network (eval mode) on ``device``.
-        class_names: labels in index order.
+        labels: the labels in output order (:attr:`class_names` as a list).
         model_name: the timm architecture.
         transform: the eval preprocessing (:class:`~animl_lightning.core.crop_rule.EvalTransform`).
         crop_rule: how the training crops were cut.
@@ -60,10 +60,11 @@ class LoadedClassifier:
         thresholds: the checkpoint's per-label threshold record, if any.
         taxonomy: the labels' taxonomy, if the dataset had one.
         tta: the test-time augmentation built into ``model`` (``none`` or ``hflip``).
+        data_dir: the prepared dataset the checkpoint was trained on, if it records one.
     """
 
     model: torch.nn.Module
-    class_names: list[str]
+    labels: LabelIndex
     model_name: str
     transform: EvalTransform
     crop_rule: CropRule
@@ -75,6 +76,12 @@ class LoadedClassifier:
     thresholds: dict[str, Any] | None = None
     taxonomy: Taxonomy | None = None
     tta: str = "none"
+    data_dir: str | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """Labels in output order."""
+        return list(self.labels)
 
     def probabilities(self, images: torch.Tensor | NDArray[np.float32]) -> torch.Tensor:
         """Calibrated class probabilities of a batch of preprocessed crops (N, 3, H, W), on the CPU."""
@@ -108,26 +115,26 @@ def load_classifier(
         apply_calibration: use the stored temperature (1.0 when the checkpoint was not calibrated).
 
     Raises:
-        CheckpointError: the file is unusable (see :func:`~animl_lightning.train.checkpointing.read_checkpoint`).
+        CheckpointError: the file is unusable (see :meth:`~animl_lightning.core.model_file.DeployableModel.read`).
     """
-    contents = read_checkpoint(checkpoint_path)
-    module = CropClassifier.from_checkpoint(contents)
+    stored = DeployableModel.read(checkpoint_path)
     resolved = resolve_device(device)
-    model = module.inference_network().to(resolved).eval()
+    model = stored.network().to(resolved).eval()
     return LoadedClassifier(
         model=model,
-        class_names=contents.class_names,
-        model_name=contents.model_name,
-        transform=EvalTransform.from_config(contents.data_config),
-        crop_rule=contents.crop_rule,
-        temperature=contents.temperature if apply_calibration else 1.0,
+        labels=stored.labels,
+        model_name=stored.model_name,
+        transform=stored.transform,
+        crop_rule=stored.crop_rule,
+        temperature=stored.temperature if apply_calibration else 1.0,
         device=resolved,
-        checkpoint_path=contents.path,
-        checkpoint_sha256=contents.sha256,
-        calibration=contents.calibration,
-        thresholds=contents.thresholds,
-        taxonomy=contents.taxonomy,
-        tta=module.tta,
+        checkpoint_path=Path(checkpoint_path),
+        checkpoint_sha256=stored.sha256,
+        calibration=None if stored.calibration is None else dict(stored.calibration),
+        thresholds=None if stored.thresholds is None else dict(stored.thresholds),
+        taxonomy=stored.taxonomy,
+        tta=stored.tta,
+        data_dir=stored.data_dir,
     )
 
 

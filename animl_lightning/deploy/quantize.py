@@ -117,21 +117,13 @@ class ValCrops:
         return digest.hexdigest()
 
 
-def checkpoint_data_dir(loaded: LoadedClassifier) -> str | None:
-    """``hyper_parameters.data_dir`` of the checkpoint (the prepared dataset it was trained on), if it has one."""
-    from animl_lightning.train.checkpointing import read_checkpoint
-
-    value = read_checkpoint(loaded.checkpoint_path).hparams.get("data_dir")
-    return str(value) if isinstance(value, str) and value else None
-
-
 def val_crops(loaded: LoadedClassifier, settings: Int8Settings) -> ValCrops:
     """The val crops of the checkpoint's prepared dataset (or ``int8.data_dir``) and the samples drawn from them.
 
     Raises:
         QuantizationError: no dataset is known, it is not there, or its val split has no crops.
     """
-    data_dir = settings.data_dir or checkpoint_data_dir(loaded)
+    data_dir = settings.data_dir or loaded.data_dir
     if not data_dir:
         raise QuantizationError(
             f"precision=int8: {loaded.checkpoint_path} names no prepared dataset (hyper_parameters.data_dir); set "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from animl_lightning.core.crop_rule import CROP_STRATEGIES
+from animl_lightning.core.crop_rule import CROP_STRATEGIES, MIN_MAX_SIZE
 from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.machine import usable_cores
 from animl_lightning.prepare.detector_file import check_model_file
@@ -107,9 +107,9 @@ class CropSettings:
             f"must be one of {list(CROP_STRATEGIES)}, got {self.strategy!r}",
         )
         require(
-            self.max_size is None or self.max_size >= 8,
+            self.max_size is None or self.max_size >= MIN_MAX_SIZE,
             "crops.max_size",
-            f"must be null or >= 8 pixels, got {self.max_size}",
+            f"must be null or >= {MIN_MAX_SIZE} pixels, got {self.max_size}",
         )
         require(self.workers is None or self.workers >= 1, "crops.workers", f"must be null or >= 1, got {self.workers}")
         require(1 <= self.quality <= 100, "crops.quality", f"must be in [1, 100], got {self.quality}")

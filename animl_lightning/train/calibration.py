@@ -3,7 +3,7 @@
 Temperature scaling (Guo et al. 2017) divides the logits by one scalar ``T`` fitted on held-out data by minimising the
 negative log-likelihood. It never changes the arg-max, so accuracy, precision and recall are untouched; only the
 confidences move. The fitted value lives in the checkpoint under the top-level key ``"calibration"``
-(:data:`~animl_lightning.train.checkpointing.CALIBRATION_KEY`), which Lightning ignores when it resumes or loads a
+(:data:`~animl_lightning.core.model_file.CALIBRATION_KEY`), which Lightning ignores when it resumes or loads a
 module, and which :func:`~animl_lightning.train.checkpointing.read_checkpoint` reads back.
 """
 
@@ -24,7 +24,8 @@ from numpy.typing import ArrayLike, NDArray
 from typing_extensions import override
 
 from animl_lightning.core.errors import DataError
-from animl_lightning.train.checkpointing import CALIBRATION_KEY, update_checkpoint
+from animl_lightning.core.model_file import CALIBRATION_KEY
+from animl_lightning.train.checkpointing import update_checkpoint
 from animl_lightning.train.classifier import CropClassifier
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,11 @@
 """Checkpoints: the one reader, atomic writes, the best checkpoint kept across a resume, ``last.ckpt`` every epoch.
 
-:func:`read_checkpoint` is the only place a checkpoint file is opened for its contents (``train=false``, resume
-checks, calibration, classify, export): ``torch.load(weights_only=True)`` with one clear error per way a file can be
-unusable (missing, empty, truncated, pickled code, not written by ``train.py``), and typed access to what
-``train.py`` stores (labels, model name, preprocessing, crop rule, calibration, thresholds).
+:func:`read_checkpoint` is training's reader of a checkpoint (``train=false``, resume checks, the report): the model
+part (labels, model name, preprocessing, crop rule, calibration, thresholds, taxonomy) is read by its owner,
+:class:`animl_lightning.core.model_file.DeployableModel` (``weights_only=True``, one clear error per way a file can
+be unusable), and the CropClassifier's ``hyper_parameters`` are checked on top. The checkpoint keys of the model part
+(``CALIBRATION_KEY``, ``THRESHOLDS_KEY``) and ``CheckpointError`` are that module's, named here too for callers that
+import them from here.
 
 :class:`AtomicCheckpointIO` writes every checkpoint through a temporary file in the checkpoint's own folder, flushed
 and fsynced, then renamed over the old one: Lightning's own writer goes through the system temp folder, and when
@@ -23,11 +25,8 @@ callback without a monitor keeps its latest save, which is what ``last.ckpt`` mu
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-import math
-import pickle
 import random
 import shutil
 from collections.abc import Mapping
@@ -44,25 +43,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.files import atomic_write, atomic_write_bytes
-from animl_lightning.core.taxonomy import TAXONOMY_KEY, Taxonomy, TaxonomyError
+from animl_lightning.core.model_file import CALIBRATION_KEY as CALIBRATION_KEY
+from animl_lightning.core.model_file import LEGACY_REQUIRED_HPARAMS, DeployableModel, load_checkpoint_dict
+from animl_lightning.core.model_file import THRESHOLDS_KEY as THRESHOLDS_KEY
+from animl_lightning.core.model_file import CheckpointError as CheckpointError
+from animl_lightning.core.model_file import temperature_of as temperature_of
+from animl_lightning.core.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
-# The checkpoint's top-level key of the temperature record (animl_lightning.train.calibration); Lightning ignores it.
-CALIBRATION_KEY = "calibration"
-# The checkpoint's top-level key of the per-label confidence thresholds (animl_lightning.train.thresholds).
-THRESHOLDS_KEY = "thresholds"
 # Rank 0's generator states (all a single-process resume needs) and, under DDP, every rank's, indexed by global rank.
 RNG_STATES_KEY = "rng_states"
 RNG_STATES_PER_RANK_KEY = "rng_states_per_rank"
-# What train.py always stores in hyper_parameters; a checkpoint without them was not written by it.
-REQUIRED_HPARAMS = ("model_name", "class_names", "data_config", "crop_strategy")
-
-
-class CheckpointError(AnimlError, ValueError):
-    """A checkpoint file cannot be used; the message names the file and what is wrong with it."""
+# What train.py always stores in hyper_parameters (besides the crop rule); a checkpoint without them cannot resume.
+REQUIRED_HPARAMS = LEGACY_REQUIRED_HPARAMS
 
 
 @dataclass(frozen=True)
@@ -72,10 +68,12 @@ class CheckpointContents:
     Attributes:
         path: the file.
         raw: the whole loaded dict (Lightning's keys and ours).
+        model: its model part (:class:`~animl_lightning.core.model_file.DeployableModel`).
     """
 
     path: Path
     raw: dict[str, Any]
+    model: DeployableModel
     sha256: str = ""
 
     @property
@@ -93,96 +91,59 @@ class CheckpointContents:
     @property
     def class_names(self) -> list[str]:
         """Labels in index order."""
-        return [str(name) for name in self.hparams["class_names"]]
+        return self.model.class_names
 
     @property
     def model_name(self) -> str:
         """The timm architecture."""
-        return str(self.hparams["model_name"])
+        return self.model.model_name
 
     @property
     def data_config(self) -> dict[str, Any]:
         """The preprocessing (timm data config keys)."""
-        return dict(self.hparams["data_config"])
+        return dict(self.model.preprocessing)
 
     @property
     def crop_rule(self) -> CropRule:
         """How the training crops were cut."""
-        # Checkpoints from before lossless crops have no crop_lossless: their crops were decoded and encoded again.
-        return CropRule(
-            str(self.hparams["crop_strategy"]),
-            self.hparams.get("crop_max_size"),
-            bool(self.hparams.get("crop_lossless", False)),
-        )
+        return self.model.crop_rule
 
     @property
     def calibration(self) -> dict[str, Any] | None:
         """The temperature record (``calibrate=true``), or None."""
-        record = self.raw.get(CALIBRATION_KEY)
-        return dict(record) if isinstance(record, dict) else None
+        return None if self.model.calibration is None else dict(self.model.calibration)
 
     @property
     def temperature(self) -> float:
         """The calibration temperature (1.0 when the checkpoint was never calibrated)."""
-        return temperature_of(self.raw, self.path)
+        return self.model.temperature
 
     @property
     def thresholds(self) -> dict[str, Any] | None:
         """The per-label threshold record (``thresholds.target_precision``), or None."""
-        record = self.raw.get(THRESHOLDS_KEY)
-        return dict(record) if isinstance(record, dict) else None
+        return None if self.model.thresholds is None else dict(self.model.thresholds)
 
     @property
     def taxonomy(self) -> Taxonomy | None:
-        """The labels' taxonomy (``labels.taxonomy_file`` at prepare time), or None.
-
-        Raises:
-            CheckpointError: the stored taxonomy is malformed or lists other labels.
-        """
-        record = self.raw.get(TAXONOMY_KEY)
-        if record is None:
-            return None
-        try:
-            taxonomy = Taxonomy.from_dict(record, f"{self.path}, key '{TAXONOMY_KEY}'")
-        except TaxonomyError as err:
-            raise CheckpointError(str(err)) from err
-        if list(taxonomy.labels) != self.class_names:
-            raise CheckpointError(f"{self.path}, key '{TAXONOMY_KEY}': lists other labels than class_names")
-        return taxonomy
+        """The labels' taxonomy (``labels.taxonomy_file`` at prepare time), or None."""
+        return self.model.taxonomy
 
 
 def read_checkpoint(path: str | Path) -> CheckpointContents:
     """Load a ``train.py`` checkpoint with ``weights_only=True`` and check it is one.
 
+    The file and its model part are read by :meth:`DeployableModel.read
+    <animl_lightning.core.model_file.DeployableModel.read>`; training also needs the CropClassifier's
+    ``hyper_parameters`` (a model file without them can be deployed, not resumed or evaluated).
+
     Raises:
         CheckpointError: missing, a folder, empty, truncated or not a PyTorch file, holding pickled objects (that
             could run code), or lacking what ``train.py`` stores (``hyper_parameters.model_name``, ``class_names``,
-            ``data_config``, ``crop_strategy``, ``state_dict``).
+            ``data_config``, the crop rule, ``state_dict``).
     """
     source = Path(path)
-    if not source.exists():
-        raise CheckpointError(f"checkpoint {source} does not exist")
-    if not source.is_file():
-        raise CheckpointError(f"checkpoint {source} is not a file")
-    if source.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {source} is empty (0 bytes): a save that never finished?")
-    try:
-        raw = torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = str(err)
-        if "Unsupported global" in detail or "GLOBAL" in detail:
-            raise CheckpointError(
-                f"checkpoint {source}: refusing to load a file that holds more than plain weights (pickled Python "
-                "objects, which could run code); weights_only=True"
-            ) from err
-        raise CheckpointError(f"checkpoint {source} cannot be read: not a PyTorch checkpoint") from err
-    except Exception as err:  # truncated zips, foreign formats and I/O errors each raise their own type
-        raise CheckpointError(
-            f"checkpoint {source} cannot be read (truncated, or not a PyTorch checkpoint): {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"checkpoint {source}: expected a Lightning checkpoint dict, got {type(raw).__name__}")
+    raw, sha256 = load_checkpoint_dict(source)
+    model = DeployableModel.from_checkpoint(raw, source, sha256)
     hparams = raw.get("hyper_parameters")
     if not isinstance(hparams, dict):
         raise CheckpointError(f"checkpoint {source}: field 'hyper_parameters' is missing: not written by train.py")
@@ -191,42 +152,7 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
         raise CheckpointError(
             f"checkpoint {source}: hyper_parameters lacks {missing}: not a CropClassifier checkpoint of train.py"
         )
-    if not isinstance(raw.get("state_dict"), dict):
-        raise CheckpointError(f"checkpoint {source}: field 'state_dict' is missing")
-    names = hparams["class_names"]
-    if not isinstance(names, list | tuple) or len(names) < 2:
-        raise CheckpointError(f"checkpoint {source}: hyper_parameters.class_names must list 2 or more labels")
-    contents = CheckpointContents(path=source, raw=raw, sha256=_file_sha256(source))
-    try:
-        contents.crop_rule  # noqa: B018 (validates the stored rule)
-    except AnimlError as err:
-        raise CheckpointError(f"checkpoint {source}: hyper_parameters crop rule: {err}") from err
-    contents.temperature  # noqa: B018 (validates the stored temperature)
-    return contents
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def temperature_of(checkpoint: Mapping[str, Any], source: Path | str = "checkpoint") -> float:
-    """The calibration temperature stored in a loaded checkpoint dict (1.0 when it was never calibrated).
-
-    Raises:
-        CheckpointError: a stored temperature that is not a positive finite number.
-    """
-    record = checkpoint.get(CALIBRATION_KEY)
-    if isinstance(record, dict) and "temperature" in record:
-        value = record["temperature"]
-        temperature = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise CheckpointError(f"{source}: field {CALIBRATION_KEY}.temperature must be > 0, got {value!r}")
-        return temperature
-    return 1.0
+    return CheckpointContents(path=source, raw=raw, model=model, sha256=sha256)
 
 
 def update_checkpoint(path: str | Path, key: str, record: Mapping[str, Any]) -> None:

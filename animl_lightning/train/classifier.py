@@ -1,8 +1,8 @@
 """The crop classifier: any timm model, cross-entropy, and per-split metrics that also feed the label tables.
 
 The checkpoint's ``hyper_parameters`` hold only plain values (``class_names``, ``model_name``, ``data_config``,
-``crop_strategy``, ``crop_max_size``, ``crop_lossless``, ...), so it loads with ``weights_only=True`` and carries
-everything needed to rebuild the preprocessing for inference (see :meth:`CropClassifier.from_checkpoint`).
+``crop_rule``, ...), so it loads with ``weights_only=True``. Every checkpoint also holds the model part that
+deployment reads (:mod:`animl_lightning.core.model_file`), written by :meth:`CropClassifier.on_save_checkpoint`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from lightning import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
@@ -35,26 +34,33 @@ from torchmetrics.classification import (
 from typing_extensions import override
 
 from animl_lightning.core.contract import SPLIT_NAMES
-from animl_lightning.core.crop_rule import CROP_STRATEGIES
+from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.label_index import LabelIndex
+from animl_lightning.core.model_file import (
+    TTA_MODES,
+    WEIGHTS_PREFIX,
+    CheckpointError,
+    DeployableModel,
+    create_network,
+    provenance,
+    temperature_of,
+    with_tta,
+)
 from animl_lightning.train.checkpointing import (
     RNG_STATES_KEY,
     RNG_STATES_PER_RANK_KEY,
     CheckpointContents,
-    CheckpointError,
     capture_rng_states,
     read_checkpoint,
     restore_rng_states,
     rng_states_to_restore,
-    temperature_of,
 )
 from animl_lightning.train.datamodule import resolve_input_size
 from animl_lightning.train.scores import macro_scores
 
 log = logging.getLogger(__name__)
 
-# Test-time augmentation modes (``eval.tta``): the logits of a crop and of its mirror image are averaged.
-TTA_MODES = ("none", "hflip")
 # The training weights of a run with an EMA; ``state_dict`` holds the averaged weights, which are the ones deployed.
 LIVE_WEIGHTS_KEY = "animl_live_weights"
 
@@ -130,9 +136,7 @@ class CropClassifier(LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         data_config: Mapping[str, Any] | None = None,
-        crop_strategy: str = "square",
-        crop_max_size: int | None = None,
-        crop_lossless: bool = False,
+        crop_rule: CropRule | Mapping[str, Any] | None = None,
         drop_path_rate: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -160,9 +164,8 @@ class CropClassifier(LightningModule):
             channels_last: use channels-last memory format on CUDA.
             compile: ``torch.compile`` the network when fitting.
             data_config: preprocessing (timm data config keys); None = the model's own default config.
-            crop_strategy: how ``prepare.py`` cut the crops (``prepare_info.json`` ``crops.strategy``).
-            crop_max_size: the crops' maximum side (``crops.max_size``), or None.
-            crop_lossless: whether the crops were cut losslessly on the MCU grid (``crops.lossless``).
+            crop_rule: how ``prepare.py`` cut the crops (``prepare_info.json`` ``crops``), as a
+                :class:`~animl_lightning.core.crop_rule.CropRule` or its dict; None = the default rule.
             drop_path_rate: stochastic depth rate of the network (timm's ``drop_path_rate``).
             mixup_alpha: mixup's Beta parameter (0 = off); with ``cutmix_alpha`` through timm's ``Mixup`` and its
                 soft-target cross-entropy.
@@ -185,6 +188,12 @@ class CropClassifier(LightningModule):
         pretrained_file = None if pretrained_file in (None, "") else str(pretrained_file)
         data_config = dict(data_config) if data_config is not None else None
         model_kwargs = {str(k): v for k, v in (model_kwargs or {}).items()}
+        if crop_rule is None:
+            rule = CropRule()
+        else:
+            rule = crop_rule if isinstance(crop_rule, CropRule) else CropRule.from_dict(crop_rule, "crop_rule")
+        # The hyper-parameter is the rule's dict: a CropRule object would make the checkpoint need pickle to load.
+        crop_rule = rule.to_dict()
         if not model_name:
             raise ConfigError("model.model_name must name a timm model")
         if len(class_names) < 2:
@@ -197,8 +206,6 @@ class CropClassifier(LightningModule):
             raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         if finetune_epochs < 0:
             raise ConfigError(f"model.finetune_epochs must be >= 0, got {finetune_epochs}")
-        if crop_strategy not in CROP_STRATEGIES:
-            raise ConfigError(f"crop_strategy must be one of {list(CROP_STRATEGIES)}, got {crop_strategy!r}")
         check_recipe_settings(
             drop_path_rate=drop_path_rate,
             mixup_alpha=mixup_alpha,
@@ -215,6 +222,7 @@ class CropClassifier(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.class_names: list[str] = class_names
+        self.crop_rule: CropRule = rule
         self.test_split: str = "test"
         # Set from the checkpoint's calibration record (calibrate=true); 1.0 means uncalibrated softmax.
         self.temperature: float = 1.0
@@ -238,19 +246,14 @@ class CropClassifier(LightningModule):
         if pretrained and pretrained_file is not None:
             log.info("model.pretrained_file is set; using %s instead of timm's hub weights", pretrained_file)
         try:
-            extra = dict(model_kwargs)
-            if drop_path_rate > 0:
-                # Only when asked for: architectures without stochastic depth refuse the argument.
-                extra["drop_path_rate"] = drop_path_rate
-            self.model = timm.create_model(
-                model_name, pretrained=use_hub, num_classes=len(class_names), drop_rate=drop_rate, **extra
+            self.model = create_network(
+                model_name,
+                len(class_names),
+                model_kwargs,
+                pretrained=use_hub,
+                drop_rate=drop_rate,
+                drop_path_rate=drop_path_rate,
             )
-        except RuntimeError as err:
-            if "Unknown model" in str(err):
-                raise ConfigError(f"model.model_name: {err}") from err
-            raise
-        except TypeError as err:  # a create_model argument the architecture does not take
-            raise ConfigError(f"model: {model_name} does not take these settings: {err}") from err
         except OSError as err:  # hub download: offline, no cache, HTTP errors (huggingface_hub raises OSErrors)
             raise PretrainedWeightsError(
                 f"model.pretrained=true: cannot download timm's weights for {model_name!r} ({err}); "
@@ -302,7 +305,8 @@ class CropClassifier(LightningModule):
         contents = path if isinstance(path, CheckpointContents) else read_checkpoint(path)
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         kwargs = {k: v for k, v in contents.hparams.items() if k in accepted}
-        kwargs.update(pretrained=False, pretrained_file=None, compile=False)
+        # From the model part: checkpoints written before the crop rule was one hyper-parameter have loose keys.
+        kwargs.update(pretrained=False, pretrained_file=None, compile=False, crop_rule=contents.crop_rule)
         try:
             model = cls(**kwargs)
             model.load_state_dict(contents.state_dict)
@@ -341,6 +345,20 @@ class CropClassifier(LightningModule):
     def inference_network(self) -> nn.Module:
         """The network that deployment runs and exports: the timm model with the checkpoint's ``tta`` built in."""
         return with_tta(self.model, self.tta)
+
+    def deployable_model(self, weights: Mapping[str, Tensor]) -> DeployableModel:
+        """The model part of this classifier's checkpoints, with ``weights`` as the network's (the deployed ones)."""
+        data_dir = self.hparams.get("data_dir")
+        return DeployableModel(
+            model_name=str(self.hparams["model_name"]),
+            labels=LabelIndex.of(self.class_names),
+            crop_rule=self.crop_rule,
+            preprocessing=self.data_config,
+            weights=weights,
+            tta=self.tta,
+            model_kwargs=dict(self.hparams.get("model_kwargs") or {}),
+            provenance=provenance(str(data_dir) if data_dir else None),
+        )
 
     @override
     def setup(self, stage: str) -> None:
@@ -450,6 +468,10 @@ class CropClassifier(LightningModule):
             checkpoint[LIVE_WEIGHTS_KEY] = {k: v for k, v in state.items() if k.startswith("model.")}
             for key, value in averaged.items():
                 state[f"model.{key}"] = value.detach().clone()
+        # The model part deployment reads (the weights are state_dict's, already under the "model." prefix).
+        state = checkpoint["state_dict"]
+        weights = {k[len(WEIGHTS_PREFIX) :]: v for k, v in state.items() if k.startswith(WEIGHTS_PREFIX)}
+        self.deployable_model(weights).write_into(checkpoint)
         # A resumed run draws the same batches, augmentations and dropout masks as an uninterrupted one.
         states = capture_rng_states()
         checkpoint[RNG_STATES_KEY] = states
@@ -599,31 +621,6 @@ class CropClassifier(LightningModule):
             self.model.train()
         if self.current_epoch in (0, finetune_epochs):
             log.info("epoch %d: training %s", self.current_epoch, "the head only" if frozen else "all layers")
-
-
-class FlipAveraged(nn.Module):
-    """A network whose logits are the mean of the crop's and its mirror image's (``eval.tta=hflip``).
-
-    Exported as part of the graph (ONNX, TorchScript), so the deployed model is the evaluated one.
-    """
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    @override
-    def forward(self, images: Tensor) -> Tensor:
-        logits: Tensor = (self.network(images) + self.network(torch.flip(images, dims=[-1]))) / 2
-        return logits
-
-
-def with_tta(network: nn.Module, mode: str) -> nn.Module:
-    """``network`` as predicted with test-time augmentation ``mode`` (:data:`TTA_MODES`)."""
-    if mode == "none":
-        return network
-    if mode == "hflip":
-        return FlipAveraged(network)
-    raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {mode!r}")
 
 
 def built_input_size(network: nn.Module) -> tuple[tuple[int, int], bool] | None:

@@ -30,11 +30,10 @@ from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.files import remove_stale_temporaries
+from animl_lightning.core.model_file import THRESHOLDS_KEY, CheckpointError
 from animl_lightning.core.taxonomy import RANKS, TAXONOMY_KEY, Taxonomy
 from animl_lightning.train.checkpointing import (
-    THRESHOLDS_KEY,
     CheckpointContents,
-    CheckpointError,
     read_checkpoint,
     update_checkpoint_keys,
 )

@@ -16,16 +16,11 @@ def _private_user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 
 @pytest.fixture(scope="session")
 def dataset_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checkpoint whose ``hyper_parameters.data_dir`` names a prepared dataset with a val split of 24 crops."""
-    import torch
-
+    """A tiny checkpoint whose ``data_dir`` names a prepared dataset with a val split of 24 crops."""
     from tests.fixtures.datasets import DEFAULT_LABELS, make_prepared_dataset
     from tests.fixtures.models import write_checkpoint
 
     root = tmp_path_factory.mktemp("dataset_checkpoint")
     data_dir = make_prepared_dataset(root / "prepared", per_label=8)
-    path = write_checkpoint(root / "model.ckpt", class_names=sorted(DEFAULT_LABELS))
-    raw = torch.load(path, weights_only=True)
-    raw["hyper_parameters"]["data_dir"] = str(data_dir.resolve())  # what train.py stores
-    torch.save(raw, path)
-    return path
+    # What train.py does: the classifier records where it was trained before its checkpoint is saved.
+    return write_checkpoint(root / "model.ckpt", class_names=sorted(DEFAULT_LABELS), data_dir=data_dir)

@@ -73,7 +73,7 @@ IMAGE_SIZES = [(320, 240), (241, 333), (64, 48)]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = write_checkpoint(tmp_path_factory.mktemp("animl") / "best.ckpt", crop_strategy="pad", crop_max_size=200)
+    path = write_checkpoint(tmp_path_factory.mktemp("animl") / "best.ckpt", crop_rule=CropRule("pad", 200))
     update_checkpoint(path, THRESHOLDS_KEY, {"target_precision": 0.95, "per_label": THRESHOLDS})
     return path
 

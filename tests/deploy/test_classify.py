@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import animl_lightning.deploy.classify as classify_module
-from animl_lightning.core.crop_rule import crop_image
+from animl_lightning.core.crop_rule import CropRule, crop_image
 from animl_lightning.core.imaging import load_image
 from animl_lightning.deploy.classify import (
     FAILURE_PREFIX,
@@ -41,7 +41,7 @@ CLASSIFIED = {(0, 0), (0, 3), (1, 0), (6, 0), (6, 1)}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("classify") / "best.ckpt", crop_strategy="pad")
+    return write_checkpoint(tmp_path_factory.mktemp("classify") / "best.ckpt", crop_rule=CropRule("pad"))
 
 
 @pytest.fixture(scope="module")

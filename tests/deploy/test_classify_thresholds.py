@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.taxonomy import TAXONOMY_KEY, Taxonomy
 from animl_lightning.deploy.classify import ClassifySettings, classify_detections, read_detections_file
 from animl_lightning.deploy.decisions import ThresholdRule, decision_categories
@@ -139,7 +140,7 @@ def test_rollup_reports_the_lowest_taxon_that_passes(tmp_path: Path) -> None:
 
 
 def test_rule_on_hand_made_probabilities() -> None:
-    categories = decision_categories(CLASS_NAMES, TAXONOMY)
+    categories = decision_categories(LabelIndex.of(CLASS_NAMES), TAXONOMY)
     record = {
         "per_label": {"bird": 0.6, "deer": 0.6, "fox": 0.9, "rabbit": None},
         "per_taxon": {"genus": {"vulpes": 0.95}, "family": {"canidae": 0.7}, "class": {"mammalia": 0.8}},

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.deploy.export import export_checkpoint, sidecar_path
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.train.calibration import store_calibration
@@ -22,7 +23,7 @@ TEMPERATURE = 1.7
 
 @pytest.fixture(scope="module")
 def calibrated_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = write_checkpoint(tmp_path_factory.mktemp("export") / "model.ckpt", crop_max_size=256)
+    path = write_checkpoint(tmp_path_factory.mktemp("export") / "model.ckpt", crop_rule=CropRule("square", 256))
     store_calibration(path, {"method": "temperature_scaling", "temperature": TEMPERATURE})
     return path
 

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
+from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.train.classifier import CropClassifier, PretrainedFileError
 
 LABELS = ["bird", "fox", "skunk"]
@@ -98,11 +99,15 @@ def test_training_step_returns_a_loss_that_trains_the_head() -> None:
 def test_hparams_hold_plain_class_names_and_data_config() -> None:
     from omegaconf import ListConfig
 
-    model = make_model(class_names=ListConfig(LABELS), crop_strategy="pad", crop_max_size=256)
+    model = make_model(class_names=ListConfig(LABELS), crop_rule={"strategy": "pad", "max_size": 256})
     hparams = model.hparams
     assert hparams["class_names"] == LABELS and type(hparams["class_names"]) is list
     assert hparams["model_name"] == "test_efficientnet"
-    assert hparams["crop_strategy"] == "pad" and hparams["crop_max_size"] == 256
+    assert hparams["crop_rule"] == {
+        "strategy": "pad",
+        "max_size": 256,
+        "lossless": False,
+    } and model.crop_rule == CropRule("pad", 256)
     assert hparams["data_config"]["input_size"] == [3, 160, 160]  # timm's cfg for test_efficientnet
     assert set(hparams["data_config"]) >= {"input_size", "mean", "std", "interpolation", "crop_pct"}
     assert "optimizer" not in hparams and "scheduler" not in hparams
@@ -186,7 +191,7 @@ def test_configure_optimizers_without_optimizer_raises() -> None:
         ({"drop_rate": 1.5}, "model.drop_rate"),
         ({"label_smoothing": -0.1}, "model.label_smoothing"),
         ({"finetune_epochs": -1}, "model.finetune_epochs"),
-        ({"crop_strategy": "circle"}, "crop_strategy"),
+        ({"crop_rule": {"strategy": "circle"}}, "crop_rule.*crops.strategy"),
         ({"model_name": "no_such_model_xyz"}, "model.model_name"),
     ],
 )

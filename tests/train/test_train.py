@@ -22,6 +22,7 @@ from animl_lightning.cli import user_error
 from animl_lightning.core.contract import DatasetError, read_crop_rule
 from animl_lightning.core.crop_rule import CropRule
 from animl_lightning.core.files import LOCK_FILENAME
+from animl_lightning.core.model_file import MODEL_KEY
 from animl_lightning.train.classifier import CropClassifier
 from animl_lightning.train.run import resolve_precision
 from animl_lightning.train.scores import OVERALL_COLUMNS, PER_LABEL_COLUMNS
@@ -125,7 +126,9 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(fitted: tuple[Path, flo
     assert hparams["class_names"] == LABELS
     assert hparams["model_name"] == "test_efficientnet"
     assert hparams["data_config"]["input_size"] == [3, 64, 64]
-    assert (hparams["crop_strategy"], hparams["crop_max_size"]) == ("square", 64)
+    assert hparams["crop_rule"] == {"strategy": "square", "max_size": 64, "lossless": False}
+    assert raw[MODEL_KEY]["crop_rule"] == hparams["crop_rule"]
+    assert raw[MODEL_KEY]["labels"] == {str(i): label for i, label in enumerate(LABELS)}
     model = CropClassifier.from_checkpoint(output / "checkpoints" / "best.ckpt")
     assert model.class_names == LABELS
 
