@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.smoothing import SmoothingOptions
-from animl_lightning.deploy.classify import ClassifySettings, ClassifySummary, run_classify
+from animl_lightning.deploy.classify import ClassifySettings, run_classify
+from animl_lightning.deploy.classify_job import ClassifySummary
 from animl_lightning.deploy.quantize import Int8Settings
 
 

@@ -1,29 +1,23 @@
 """``python -m animl_lightning.export checkpoint=CKPT format=onnx|torchscript|animl output=PATH [precision=int8]``.
 
-Settings: ``configs/export.yaml``. The Hydra edge only: the work is
-:func:`animl_lightning.deploy.export.export_checkpoint` (one model file and its sidecar) or
-:func:`animl_lightning.deploy.animl_bundle.export_animl` (the folder Animl's endpoints need); bad inputs end the run
-with one line (exit status 2), never a traceback. With ``precision=int8`` the output ends with the int8 model's
-top-1 agreement with fp32 and each label's recall change on val; below ``int8.min_agreement`` nothing is written and
-the one line says so.
+Settings: ``configs/export.yaml``. The Hydra edge only: the work is the writer of the format's entry in
+:data:`animl_lightning.deploy.export_formats.FORMATS` (one model file and its sidecar, or the folder Animl's
+endpoints need); bad inputs end the run with one line (exit status 2), never a traceback. With ``precision=int8``
+the output ends with the int8 model's top-1 agreement with fp32 and each label's recall change on val; below
+``int8.min_agreement`` nothing is written and the one line says so.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, require_extra, run_command
-from animl_lightning.core.errors import ConfigError, require
-
-# Every format= (the model files of deploy.export, and the animl folder) and what each imports from which extra.
-FORMAT_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "onnx": ("export", ("onnx", "onnxscript", "onnxruntime")),
-    "torchscript": ("", ()),
-    "animl": ("deploy", ("onnx", "onnxscript", "onnxruntime", "model_archiver")),
-}
+from animl_lightning.core.errors import ConfigError
+from animl_lightning.deploy.export_formats import ExportJob, check_format
 
 
 def int8_table(report: dict[str, Any]) -> str:
@@ -42,47 +36,33 @@ def int8_table(report: dict[str, Any]) -> str:
 
 
 def export(cfg: DictConfig) -> None:
-    """Export the configured checkpoint and say where it went."""
+    """Export the configured checkpoint with the writer of its format and say where it went."""
     refuse_unknown_keys(cfg)
-    require(cfg.format in FORMAT_EXTRAS, "format", f"must be one of {list(FORMAT_EXTRAS)}, got {cfg.format!r}")
+    entry = check_format(str(cfg.format), str(cfg.precision))
     for key in ("checkpoint", "output"):
         if OmegaConf.is_missing(cfg, key) or not cfg[key]:
             raise ConfigError(f"{key}: must be set (e.g. {key}=PATH on the command line)")
-    extra, modules = FORMAT_EXTRAS[str(cfg.format)]
-    require_extra(extra, modules)
+    require_extra(entry.extra, entry.modules)
     from animl_lightning.deploy.onnx_cache import OnnxCache, resolve_cache_dir
     from animl_lightning.deploy.quantize import Int8Settings
 
-    precision = str(cfg.precision)
     int8 = Int8Settings(**OmegaConf.to_container(cfg.int8, resolve=True))  # type: ignore[arg-type]
     folder = resolve_cache_dir(cfg.cache_dir)
-    cache = None if folder is None else OnnxCache(folder)
-    if cfg.format == "animl":
-        from animl_lightning.deploy.animl_bundle import export_animl
-
-        bundle = export_animl(
-            str(cfg.checkpoint),
-            str(cfg.output),
-            model_id=cfg.animl.model_id,
-            version=str(cfg.animl.version),
-            description=str(cfg.animl.description or ""),
-            threshold=float(cfg.animl.default_threshold),
-            precision=precision,
-            int8=int8,
-            cache=cache,
-        )
-        if bundle.int8_report is not None:
-            print(int8_table(bundle.int8_report))
-        models = "ONNX server with fp32 and int8 models" if bundle.int8_report is not None else "ONNX server"
-        print(f"wrote {bundle.folder} (TorchServe archive {bundle.mar_file.name}, {models}, mlmodel.json)")
-        return
-    from animl_lightning.deploy.export import export_checkpoint
-
-    result = export_checkpoint(str(cfg.checkpoint), str(cfg.format), str(cfg.output), precision, int8, cache)
-    if result.int8_report is not None:
-        print(int8_table(result.int8_report))
-    size = "dynamic batch and input size" if result.dynamic_size else "dynamic batch, fixed input size"
-    print(f"wrote {result.model_file} ({result.format} {result.precision}, {size}) and {result.sidecar_file}")
+    # A format's own settings are the block of export.yaml named after it (animl:).
+    block = OmegaConf.to_container(cfg[entry.name], resolve=True) if entry.name in cfg else {}
+    job = ExportJob(
+        checkpoint=Path(str(cfg.checkpoint)),
+        output=Path(str(cfg.output)),
+        format=entry.name,
+        precision=str(cfg.precision),
+        int8=int8,
+        cache=None if folder is None else OnnxCache(folder),
+        options={str(key): value for key, value in block.items()} if isinstance(block, dict) else {},
+    )
+    exported = entry.write(job)
+    if exported.int8_report is not None:
+        print(int8_table(exported.int8_report))
+    print(exported.summary)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")

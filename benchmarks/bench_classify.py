@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 
 from animl_lightning.core.contract import write_classification_csv, write_label_index, write_splits
 from animl_lightning.core.machine import usable_cores
-from animl_lightning.deploy.classify import ClassifySettings, classify_detections, make_predictor
+from animl_lightning.deploy.classify import ClassifySettings, classify_detections
 from animl_lightning.deploy.inference import (
     CropRequests,
     DetectionCrops,
@@ -63,6 +63,7 @@ from animl_lightning.deploy.inference import (
     classify_requests,
     load_classifier,
 )
+from animl_lightning.deploy.runtimes import make_predictor
 from animl_lightning.train.classifier import CropClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results" / "classify.json"

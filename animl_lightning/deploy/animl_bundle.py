@@ -61,14 +61,8 @@ from animl_lightning.deploy.bundle_folder import (
     output_folder,
     refuse_unless_replaceable,
 )
-from animl_lightning.deploy.export import (
-    PRECISIONS,
-    ExportError,
-    cached_onnx,
-    loadable_onnx,
-    onnx_identity,
-    torchscript_bytes,
-)
+from animl_lightning.deploy.export import cached_onnx, loadable_onnx, onnx_identity, torchscript_bytes
+from animl_lightning.deploy.export_formats import PRECISIONS, ExportError
 from animl_lightning.deploy.inference import LoadedClassifier
 from animl_lightning.deploy.onnx_cache import OnnxCache
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier

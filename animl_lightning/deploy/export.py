@@ -32,9 +32,10 @@ from torch import nn
 from torch.jit._trace import TracerWarning
 
 from animl_lightning import __version__
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, check_writable
 from animl_lightning.core.model_file import FlipAveraged
+from animl_lightning.deploy.export_formats import ExportError, SerialisedModel, check_format
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.deploy.onnx_cache import CachedModel, OnnxCache, package_versions, source_digest
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME
@@ -44,17 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")
-PRECISIONS = ("fp32", "int8")
 OUTPUT_NAME = "probabilities"
 ONNX_OPSET = 18
 T = TypeVar("T")
 _MIN_SIDE = 32
 _MAX_SIDE = 4096
-
-
-class ExportError(AnimlError, ValueError):
-    """The model cannot be exported in the requested format; the message names the format and the cause."""
 
 
 class ProbabilityModel(nn.Module):
@@ -242,6 +237,28 @@ def loadable_onnx(data: bytes) -> bytes:
     return data
 
 
+def onnx_model(
+    loaded: LoadedClassifier, precision: str, int8: Int8Settings | None, cache: OnnxCache | None
+) -> SerialisedModel:
+    """The ONNX model file of ``format=onnx``: float32 from ``cache`` when it holds it (else exported and stored),
+    or the int8 model made and checked from it (:func:`animl_lightning.deploy.quantize.build_int8`)."""
+    data, entry = cached_onnx(loaded, cache, loadable_onnx)
+    dynamic_size = bool(entry.record.get("dynamic_size", supports_dynamic_size(loaded)))
+    if precision != "int8":
+        return SerialisedModel(data, dynamic_size)
+    from animl_lightning.deploy.quantize import Int8Settings, build_int8
+
+    _, int8_data, report = build_int8(loaded, int8 or Int8Settings(), lambda: data, onnx_identity(loaded), cache)
+    return SerialisedModel(int8_data, dynamic_size, report)
+
+
+def torchscript_model(
+    loaded: LoadedClassifier, precision: str, int8: Int8Settings | None, cache: OnnxCache | None
+) -> SerialisedModel:
+    """The TorchScript model file of ``format=torchscript`` (float32 only; no cache, it is quick to make)."""
+    return SerialisedModel(*torchscript_bytes(loaded))
+
+
 def torchscript_bytes(loaded: LoadedClassifier) -> tuple[bytes, bool]:
     """Serialise the probability model as TorchScript; returns (model bytes, whether H and W are dynamic).
 
@@ -311,22 +328,6 @@ def sidecar(
     } | quantization
 
 
-def check_format(export_format: str, precision: str) -> None:
-    """Refuse an unknown format or precision, and int8 for TorchScript.
-
-    Raises:
-        ExportError: naming the setting.
-    """
-    if export_format not in FORMATS:
-        raise ExportError(f"format: must be one of {list(FORMATS)}, got {export_format!r}")
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
-    if precision == "int8" and export_format != "onnx":
-        raise ExportError(
-            f"precision=int8 is made with ONNX Runtime: use format=onnx or format=animl, not {export_format}"
-        )
-
-
 def export_classifier(
     loaded: LoadedClassifier,
     export_format: str,
@@ -335,7 +336,8 @@ def export_classifier(
     int8: Int8Settings | None = None,
     cache: OnnxCache | None = None,
 ) -> ExportResult:
-    """Write ``loaded`` as ``export_format`` (``onnx`` or ``torchscript``) to ``output`` plus its JSON sidecar.
+    """Write ``loaded`` as ``export_format`` (a file format of :data:`~animl_lightning.deploy.export_formats.FORMATS`:
+    ``onnx``, ``torchscript``) to ``output`` plus its JSON sidecar.
 
     Both files are written atomically; the sidecar last, so a sidecar always describes a complete model file. With
     ``precision=int8`` the int8 model is made and checked first (:func:`animl_lightning.deploy.quantize.build_int8`),
@@ -346,19 +348,12 @@ def export_classifier(
         ExportError: a format or precision this cannot export, or the export fails.
         QuantizationError: the int8 model cannot be made or is below ``int8.min_agreement``.
     """
-    check_format(export_format, precision)
+    serialise = check_format(export_format, precision).serialise
+    if serialise is None:
+        raise ExportError(f"format={export_format} writes a folder, not one model file")
     target = Path(output)
-    report = None
-    if export_format == "onnx":
-        data, entry = cached_onnx(loaded, cache, loadable_onnx)
-        dynamic_size = bool(entry.record.get("dynamic_size", supports_dynamic_size(loaded)))
-        if precision == "int8":
-            from animl_lightning.deploy.quantize import Int8Settings, build_int8
-
-            fp32 = data
-            _, data, report = build_int8(loaded, int8 or Int8Settings(), lambda: fp32, onnx_identity(loaded), cache)
-    else:
-        data, dynamic_size = torchscript_bytes(loaded)
+    model = serialise(loaded, precision, int8, cache)
+    data, dynamic_size, report = model.data, model.dynamic_size, model.int8_report
     atomic_write_bytes(target, data)
     side = sidecar_path(target)
     atomic_write_json(side, sidecar(loaded, export_format, dynamic_size, precision, report))

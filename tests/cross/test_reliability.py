@@ -205,7 +205,8 @@ def test_a_damaged_crop_is_redone_by_prepare_and_named_by_train(tmp_path: Path) 
 
 
 def test_classify_resume_with_another_checkpoint_classifies_again(tmp_path: Path) -> None:
-    from animl_lightning.deploy.classify import ClassifySettings, read_detections_file, run_classify
+    from animl_lightning.deploy.classify import ClassifySettings, run_classify
+    from animl_lightning.deploy.classify_inputs import read_detections_file
 
     detections, images, _ = write_megadetector_file(tmp_path / "md")
     first = write_checkpoint(tmp_path / "a.ckpt")

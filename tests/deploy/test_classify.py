@@ -19,15 +19,14 @@ import torch
 import animl_lightning.deploy.classify as classify_module
 from animl_lightning.core.crop_rule import CropRule, crop_image
 from animl_lightning.core.imaging import load_image
-from animl_lightning.deploy.classify import (
-    FAILURE_PREFIX,
+from animl_lightning.deploy.classify import ClassifySettings, classify_detections
+from animl_lightning.deploy.classify_inputs import (
     ClassifyInputError,
-    ClassifySettings,
-    classify_detections,
     detections_from_cct,
     detections_from_crops_folder,
     read_detections_file,
 )
+from animl_lightning.deploy.classify_job import FAILURE_PREFIX
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from tests.fixtures.files import write_jpeg
 from tests.fixtures.hydra import REPO_ROOT
@@ -455,7 +454,7 @@ def test_backend_auto_on_a_small_job_is_pytorch_and_a_wrong_backend_is_named(
     loaded: LoadedClassifier, tmp_path: Path
 ) -> None:
     from animl_lightning.core.errors import ConfigError
-    from animl_lightning.deploy.classify import resolve_backend
+    from animl_lightning.deploy.runtimes import resolve_backend
 
     pytest.importorskip("onnxruntime")
     # Nothing in the (empty) ONNX cache and a job too small to pay for an export: auto must not be slower than torch.

@@ -17,15 +17,12 @@ from typing import Any
 import pytest
 
 from animl_lightning.core.errors import ConfigError
-from animl_lightning.deploy.classify import (
-    ClassifySettings,
-    classify_detections,
-    read_detections_file,
-    resolve_backend,
-)
+from animl_lightning.deploy.classify import ClassifySettings, classify_detections
+from animl_lightning.deploy.classify_inputs import read_detections_file
 from animl_lightning.deploy.export import onnx_identity
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.deploy.onnx_cache import OnnxCache, identity_key
+from animl_lightning.deploy.runtimes import resolve_backend
 from tests.fixtures.hydra import REPO_ROOT
 from tests.fixtures.models import write_checkpoint, write_megadetector_file
 from tests.fixtures.scripts import command_env

@@ -12,7 +12,8 @@ import pytest
 
 from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.taxonomy import TAXONOMY_KEY, Taxonomy
-from animl_lightning.deploy.classify import ClassifySettings, classify_detections, read_detections_file
+from animl_lightning.deploy.classify import ClassifySettings, classify_detections
+from animl_lightning.deploy.classify_inputs import read_detections_file
 from animl_lightning.deploy.decisions import ThresholdRule, decision_categories
 from animl_lightning.deploy.inference import load_classifier
 from animl_lightning.train.checkpointing import THRESHOLDS_KEY, update_checkpoint

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from animl_lightning.deploy.classify import ClassifySettings, classify_detections, read_detections_file
+from animl_lightning.deploy.classify import ClassifySettings, classify_detections
+from animl_lightning.deploy.classify_inputs import read_detections_file
 from animl_lightning.deploy.export import onnx_identity, sidecar_path
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.deploy.onnx_cache import OnnxCache, identity_key
@@ -40,7 +41,7 @@ def warm_cache(tmp_path_factory: pytest.TempPathFactory, loaded: LoadedClassifie
     """A cache holding the float32 and the int8 model of the checkpoint (built once for this module)."""
     folder = tmp_path_factory.mktemp("int8_cache")
     settings = ClassifySettings(precision="int8", cache_dir=str(folder), int8=LENIENT)
-    from animl_lightning.deploy.classify import onnx_predictor
+    from animl_lightning.deploy.runtimes import onnx_predictor
 
     onnx_predictor(loaded, settings)
     return folder

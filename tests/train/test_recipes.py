@@ -410,7 +410,8 @@ def test_the_ema_weights_are_checkpointed_validated_calibrated_thresholded_and_e
 
 def classify_val_crops(checkpoint: Path, data_dir: Path, paths: Sequence[str], backend: str, output: Path) -> Any:
     """classify's probabilities for the val crops, each given as one whole-frame detection of its crop file."""
-    from animl_lightning.deploy.classify import ClassifySettings, classify_detections, detections_from_crops_folder
+    from animl_lightning.deploy.classify import ClassifySettings, classify_detections
+    from animl_lightning.deploy.classify_inputs import detections_from_crops_folder
 
     folder = data_dir / "crops" / "synthetic" / "loc2"  # the val location
     detections = detections_from_crops_folder(folder)
