@@ -61,12 +61,11 @@ from animl_lightning.deploy.bundle_folder import (
     output_folder,
     refuse_unless_replaceable,
 )
-from animl_lightning.deploy.export import cached_onnx, loadable_onnx, onnx_identity, torchscript_bytes
-from animl_lightning.deploy.export_formats import PRECISIONS, ExportError
+from animl_lightning.deploy.export import ExportError, cached_onnx, loadable_onnx, onnx_identity, torchscript_bytes
 from animl_lightning.deploy.inference import LoadedClassifier
 from animl_lightning.deploy.onnx_cache import OnnxCache
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier
-from animl_lightning.deploy.quantize import Int8Settings, build_int8
+from animl_lightning.deploy.quantize import PRECISIONS, Int8Settings, build_int8
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -26,15 +26,36 @@ from animl_lightning.deploy.decisions import ThresholdRule, decision_categories
 from animl_lightning.deploy.inference import IMAGE_ERROR_PREFIX, CropRequests, LoadedClassifier, top_k
 from animl_lightning.deploy.smoothing import BEFORE_SMOOTHING, SmoothingSummary
 
-if TYPE_CHECKING:
-    # classify.py owns the settings and runs the job; only their fields are read here.
-    from animl_lightning.deploy.classify import ClassifySettings
-
 log = logging.getLogger(__name__)
 
 FAILURE_PREFIX = "classification failed: "
 # output_csv: the category the JSON reports first for a detection, and its probability.
 DECISION_COLUMNS = ("decision", "decision_score")
+
+
+class JobSettings(Protocol):
+    """The settings a job reads (classify's ``ClassifySettings`` has them; it runs the job, so it is not imported)."""
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
+    def category(self) -> str: ...
+
+    @property
+    def min_conf(self) -> float: ...
+
+    @property
+    def top_k(self) -> int: ...
+
+    @property
+    def resume(self) -> bool: ...
+
+    @property
+    def thresholds(self) -> bool: ...
+
+    @property
+    def precision(self) -> str: ...
 
 
 @dataclass
@@ -145,7 +166,7 @@ def _same_detections(a: Any, b: Any) -> bool:
         return False
 
 
-def count_eligible(results: dict[str, Any], settings: ClassifySettings) -> int:
+def count_eligible(results: dict[str, Any], settings: JobSettings) -> int:
     """Detections of ``results`` a run classifies or resumes: what ``backend=auto`` sizes the job by.
 
     Counted before resuming, so a resumed run picks the backend its first run picked (resume needs the same one).
@@ -168,7 +189,7 @@ class ClassifyJob:
         loaded: LoadedClassifier,
         results: dict[str, Any],
         images_dir: Path,
-        settings: ClassifySettings,
+        settings: JobSettings,
         previous: dict[str, Any] | None,
         previous_rows: pd.DataFrame | None,
         want_csv: bool,
@@ -368,7 +389,7 @@ class ClassifyJob:
                 self.csv_frame().to_csv(handle, index=False, lineterminator="\n")
 
 
-def decision_rule(loaded: LoadedClassifier, settings: ClassifySettings) -> ThresholdRule | None:
+def decision_rule(loaded: LoadedClassifier, settings: JobSettings) -> ThresholdRule | None:
     """The checkpoint's thresholds as a rule, when it has them and ``classify.thresholds`` is on."""
     if not settings.thresholds or not loaded.thresholds or not loaded.thresholds.get("per_label"):
         return None
@@ -385,7 +406,7 @@ def typical_threshold(loaded: LoadedClassifier) -> float | None:
     return round(float(np.median(values)), 4) if values else None
 
 
-def run_metadata(loaded: LoadedClassifier, settings: ClassifySettings, backend: str) -> dict[str, Any]:
+def run_metadata(loaded: LoadedClassifier, settings: JobSettings, backend: str) -> dict[str, Any]:
     """What decides the classifications of a run (``info.classifier_metadata``); a rerun resumes only if equal."""
     typical = typical_threshold(loaded)
     return ({} if typical is None else {"typical_classification_threshold": typical}) | {
@@ -413,7 +434,7 @@ def _index_rows(rows: pd.DataFrame | None) -> dict[tuple[str, int], dict[str, An
 
 
 def load_previous(
-    output_file: Path, output_csv: Path | None, loaded: LoadedClassifier, settings: ClassifySettings, backend: str
+    output_file: Path, output_csv: Path | None, loaded: LoadedClassifier, settings: JobSettings, backend: str
 ) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
     """The output (and CSV) a previous run of this classifier wrote, to resume; ``(None, None)`` when there is none
     or it was written with other settings (:func:`run_metadata`).

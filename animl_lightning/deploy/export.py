@@ -32,11 +32,10 @@ from torch import nn
 from torch.jit._trace import TracerWarning
 
 from animl_lightning import __version__
-from animl_lightning.core.errors import ConfigError
-from animl_lightning.core.files import atomic_write_bytes, atomic_write_json, check_writable
+from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.files import atomic_write_bytes, atomic_write_json
 from animl_lightning.core.model_file import FlipAveraged
-from animl_lightning.deploy.export_formats import ExportError, SerialisedModel, check_format
-from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
+from animl_lightning.deploy.inference import LoadedClassifier
 from animl_lightning.deploy.onnx_cache import CachedModel, OnnxCache, package_versions, source_digest
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME
 
@@ -50,6 +49,19 @@ ONNX_OPSET = 18
 T = TypeVar("T")
 _MIN_SIDE = 32
 _MAX_SIDE = 4096
+
+
+class ExportError(AnimlError, ValueError):
+    """The model cannot be exported in the requested format; the message names the format and the cause."""
+
+
+@dataclass(frozen=True)
+class SerialisedModel:
+    """A model file's bytes, whether its height and width are dynamic, and the int8 report of an int8 model."""
+
+    data: bytes
+    dynamic_size: bool
+    int8_report: dict[str, Any] | None = None
 
 
 class ProbabilityModel(nn.Module):
@@ -328,56 +340,23 @@ def sidecar(
     } | quantization
 
 
-def export_classifier(
-    loaded: LoadedClassifier,
-    export_format: str,
-    output: str | Path,
-    precision: str = "fp32",
-    int8: Int8Settings | None = None,
-    cache: OnnxCache | None = None,
+def write_model(
+    loaded: LoadedClassifier, export_format: str, model: SerialisedModel, output: str | Path, precision: str
 ) -> ExportResult:
-    """Write ``loaded`` as ``export_format`` (a file format of :data:`~animl_lightning.deploy.export_formats.FORMATS`:
-    ``onnx``, ``torchscript``) to ``output`` plus its JSON sidecar.
+    """Write ``model`` to ``output`` and its JSON sidecar next to it.
 
-    Both files are written atomically; the sidecar last, so a sidecar always describes a complete model file. With
-    ``precision=int8`` the int8 model is made and checked first (:func:`animl_lightning.deploy.quantize.build_int8`),
-    so an int8 model below the agreement floor writes nothing. ONNX models come from ``cache`` when it holds them
-    (:mod:`animl_lightning.deploy.onnx_cache`, shared with ``classify``) and are stored there when made.
-
-    Raises:
-        ExportError: a format or precision this cannot export, or the export fails.
-        QuantizationError: the int8 model cannot be made or is below ``int8.min_agreement``.
+    Both files are written atomically; the sidecar last, so a sidecar always describes a complete model file.
     """
-    serialise = check_format(export_format, precision).serialise
-    if serialise is None:
-        raise ExportError(f"format={export_format} writes a folder, not one model file")
     target = Path(output)
-    model = serialise(loaded, precision, int8, cache)
-    data, dynamic_size, report = model.data, model.dynamic_size, model.int8_report
-    atomic_write_bytes(target, data)
+    atomic_write_bytes(target, model.data)
     side = sidecar_path(target)
-    atomic_write_json(side, sidecar(loaded, export_format, dynamic_size, precision, report))
-    log.debug("wrote %s (%s %s, %.1f MB) and %s", target, export_format, precision, len(data) / 1e6, side)
+    atomic_write_json(side, sidecar(loaded, export_format, model.dynamic_size, precision, model.int8_report))
+    log.debug("wrote %s (%s %s, %.1f MB) and %s", target, export_format, precision, len(model.data) / 1e6, side)
     return ExportResult(
         model_file=target,
         sidecar_file=side,
         format=export_format,
-        dynamic_size=dynamic_size,
+        dynamic_size=model.dynamic_size,
         precision=precision,
-        int8_report=report,
+        int8_report=model.int8_report,
     )
-
-
-def export_checkpoint(
-    checkpoint: str | Path,
-    export_format: str,
-    output: str | Path,
-    precision: str = "fp32",
-    int8: Int8Settings | None = None,
-    cache: OnnxCache | None = None,
-) -> ExportResult:
-    """Load a checkpoint on the CPU and export it; see :func:`export_classifier`."""
-    check_format(export_format, precision)
-    check_writable(output, "output")
-    loaded = load_classifier(checkpoint, device="cpu")
-    return export_classifier(loaded, export_format, output, precision, int8, cache)

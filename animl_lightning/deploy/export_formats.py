@@ -2,8 +2,8 @@
 
 An entry names the format, says whether it writes a file (plus its JSON sidecar) or a folder, which precisions it
 makes, which pyproject extra brings the modules it imports, and the function that writes it. A new format is one
-entry: the command, :func:`check_format` and the error listing the formats all read the table. The writers import
-their exporters when called, so the table is read (and a missing extra named) before anything heavy is imported.
+entry: the command, :func:`check_format`, :func:`export_checkpoint` and the error listing the formats all read the
+table. Nothing here imports a module of an extra, so the command names a missing one before any work.
 """
 
 from __future__ import annotations
@@ -11,21 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from animl_lightning.core.errors import AnimlError
-
-if TYPE_CHECKING:
-    from animl_lightning.deploy.inference import LoadedClassifier
-    from animl_lightning.deploy.onnx_cache import OnnxCache
-    from animl_lightning.deploy.quantize import Int8Settings
+from animl_lightning.core.files import check_writable
+from animl_lightning.deploy.animl_bundle import export_animl
+from animl_lightning.deploy.export import (
+    ExportError,
+    ExportResult,
+    SerialisedModel,
+    onnx_model,
+    torchscript_model,
+    write_model,
+)
+from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
+from animl_lightning.deploy.onnx_cache import OnnxCache
+from animl_lightning.deploy.quantize import Int8Settings
 
 # Each precision, and what makes it (for the error when a format cannot).
 PRECISIONS: dict[str, str] = {"fp32": "is the model as trained", "int8": "is made with ONNX Runtime"}
-
-
-class ExportError(AnimlError, ValueError):
-    """The model cannot be exported in the requested format; the message names the format and the cause."""
 
 
 @dataclass(frozen=True)
@@ -50,17 +53,8 @@ class Exported:
     int8_report: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
-class SerialisedModel:
-    """A model file's bytes, whether its height and width are dynamic, and the int8 report of an int8 model."""
-
-    data: bytes
-    dynamic_size: bool
-    int8_report: dict[str, Any] | None = None
-
-
 # A loaded checkpoint, the precision, the int8 settings and the ONNX model cache -> the model file's content.
-Serialiser = Callable[["LoadedClassifier", str, "Int8Settings | None", "OnnxCache | None"], SerialisedModel]
+Serialiser = Callable[[LoadedClassifier, str, Int8Settings | None, OnnxCache | None], SerialisedModel]
 
 
 @dataclass(frozen=True)
@@ -74,8 +68,8 @@ class ExportFormat:
         extra: the pyproject extra that brings ``modules``; empty: none needed.
         modules: what it imports, checked before any work so a missing one is named with its install command.
         write: loads the checkpoint and writes the output.
-        serialise: a file format's model bytes (:func:`animl_lightning.deploy.export.export_classifier` writes them
-            with the sidecar); None for a folder.
+        serialise: a file format's model bytes (:func:`export_classifier` writes them with the sidecar); None
+            for a folder.
     """
 
     name: str
@@ -88,9 +82,7 @@ class ExportFormat:
 
 
 def write_model_file(job: ExportJob) -> Exported:
-    """A model file and its sidecar (:func:`animl_lightning.deploy.export.export_checkpoint`)."""
-    from animl_lightning.deploy.export import export_checkpoint
-
+    """A model file and its sidecar (:func:`export_checkpoint`)."""
     result = export_checkpoint(job.checkpoint, job.format, job.output, job.precision, job.int8, job.cache)
     size = "dynamic batch and input size" if result.dynamic_size else "dynamic batch, fixed input size"
     summary = f"wrote {result.model_file} ({result.format} {result.precision}, {size}) and {result.sidecar_file}"
@@ -99,8 +91,6 @@ def write_model_file(job: ExportJob) -> Exported:
 
 def write_animl_folder(job: ExportJob) -> Exported:
     """The folder Animl's endpoints need (:func:`animl_lightning.deploy.animl_bundle.export_animl`)."""
-    from animl_lightning.deploy.animl_bundle import export_animl
-
     # Absent settings keep export_animl's defaults; Hydra may read a version like 2 as a number.
     given = {
         "model_id": job.options.get("model_id"),
@@ -120,28 +110,12 @@ def write_animl_folder(job: ExportJob) -> Exported:
     return Exported(summary, bundle.int8_report)
 
 
-def _onnx_model(
-    loaded: LoadedClassifier, precision: str, int8: Int8Settings | None, cache: OnnxCache | None
-) -> SerialisedModel:
-    from animl_lightning.deploy.export import onnx_model
-
-    return onnx_model(loaded, precision, int8, cache)
-
-
-def _torchscript_model(
-    loaded: LoadedClassifier, precision: str, int8: Int8Settings | None, cache: OnnxCache | None
-) -> SerialisedModel:
-    from animl_lightning.deploy.export import torchscript_model
-
-    return torchscript_model(loaded, precision, int8, cache)
-
-
 _ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 FORMATS: dict[str, ExportFormat] = {
     entry.name: entry
     for entry in (
-        ExportFormat("onnx", "file", ("fp32", "int8"), "export", _ONNX_MODULES, write_model_file, _onnx_model),
-        ExportFormat("torchscript", "file", ("fp32",), "", (), write_model_file, _torchscript_model),
+        ExportFormat("onnx", "file", ("fp32", "int8"), "export", _ONNX_MODULES, write_model_file, onnx_model),
+        ExportFormat("torchscript", "file", ("fp32",), "", (), write_model_file, torchscript_model),
         ExportFormat(
             "animl", "folder", ("fp32", "int8"), "deploy", (*_ONNX_MODULES, "model_archiver"), write_animl_folder
         ),
@@ -165,3 +139,43 @@ def check_format(export_format: str, precision: str) -> ExportFormat:
         others = " or ".join(f"format={other.name}" for other in FORMATS.values() if precision in other.precisions)
         raise ExportError(f"precision={precision} {PRECISIONS[precision]}: use {others}, not {export_format}")
     return entry
+
+
+def export_classifier(
+    loaded: LoadedClassifier,
+    export_format: str,
+    output: str | Path,
+    precision: str = "fp32",
+    int8: Int8Settings | None = None,
+    cache: OnnxCache | None = None,
+) -> ExportResult:
+    """Write ``loaded`` as the file format ``export_format`` to ``output`` plus its JSON sidecar.
+
+    With ``precision=int8`` the int8 model is made and checked first
+    (:func:`animl_lightning.deploy.quantize.build_int8`), so an int8 model below the agreement floor writes nothing.
+    ONNX models come from ``cache`` when it holds them (:mod:`animl_lightning.deploy.onnx_cache`, shared with
+    ``classify``) and are stored there when made.
+
+    Raises:
+        ExportError: a format or precision this cannot export, a folder format, or the export fails.
+        QuantizationError: the int8 model cannot be made or is below ``int8.min_agreement``.
+    """
+    serialise = check_format(export_format, precision).serialise
+    if serialise is None:
+        raise ExportError(f"format={export_format} writes a folder, not one model file")
+    return write_model(loaded, export_format, serialise(loaded, precision, int8, cache), output, precision)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    export_format: str,
+    output: str | Path,
+    precision: str = "fp32",
+    int8: Int8Settings | None = None,
+    cache: OnnxCache | None = None,
+) -> ExportResult:
+    """Load a checkpoint on the CPU and export it; see :func:`export_classifier`."""
+    check_format(export_format, precision)
+    check_writable(output, "output")
+    loaded = load_classifier(checkpoint, device="cpu")
+    return export_classifier(loaded, export_format, output, precision, int8, cache)

@@ -184,8 +184,16 @@ RUNTIMES: dict[str, Runtime] = {
     )
 }
 FALLBACK = "torch"
-BACKENDS = ("auto", *RUNTIMES)
-PRECISIONS = tuple(dict.fromkeys(p for runtime in RUNTIMES.values() for p in runtime.precisions))
+
+
+def backends() -> list[str]:
+    """Every ``classify.backend``: ``auto`` and each runtime (read from the table, so a new entry is one)."""
+    return ["auto", *RUNTIMES]
+
+
+def precisions() -> list[str]:
+    """Every ``classify.precision`` some runtime runs."""
+    return list(dict.fromkeys(p for runtime in RUNTIMES.values() for p in runtime.precisions))
 
 
 def _runtimes_for(precision: str) -> list[Runtime]:
@@ -198,8 +206,8 @@ def check_runtime(backend: str, precision: str) -> None:
     Raises:
         ConfigError: naming the setting.
     """
-    require(backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {backend!r}")
-    require(precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
+    require(backend in backends(), "backend", f"must be one of {backends()}, got {backend!r}")
+    require(precision in precisions(), "precision", f"must be one of {precisions()}, got {precision!r}")
     able = _runtimes_for(precision)
     titles = " or ".join(runtime.title for runtime in able)
     names = " or ".join(f"backend={runtime.name}" for runtime in able)
@@ -240,7 +248,7 @@ def resolve_backend(loaded: LoadedClassifier, settings: RuntimeSettings, crops: 
 def _usable(runtime: Runtime, loaded: LoadedClassifier, what: str, other: str | None) -> str:
     """``runtime.name``, once it can run here; ``other``: a backend to suggest instead."""
     if not runtime.runs_on(loaded.device):
-        devices = " or ".join(device.upper() if device == "cpu" else device for device in runtime.devices)
+        devices = " or ".join(device.upper() for device in runtime.devices)
         instead = f" or backend={other}" if other is not None and other != runtime.name else ""
         raise ConfigError(
             f"{what} runs on the {devices}; use device={runtime.devices[0]}{instead} (not {loaded.device})"

@@ -172,3 +172,22 @@ def test_entry_scripts_are_thin() -> None:
         text = (root / script).read_text(encoding="utf-8")
         assert len(text.splitlines()) <= 30, script
         assert f"from animl_lightning.{command} import" in text, script
+
+
+MAX_MODULE_LINES = 600
+# Modules still over the limit and their size when the rule came (issue 21, item 4): each may only shrink, and leaves
+# this list once it is split.
+KNOWN_LARGE = {
+    "train/classifier.py": 761,
+}
+
+
+def test_no_module_over_600_lines() -> None:
+    sizes = {
+        path.relative_to(PACKAGE).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+    too_large = {name: lines for name, lines in sizes.items() if lines > KNOWN_LARGE.get(name, MAX_MODULE_LINES)}
+    assert not too_large, f"modules over {MAX_MODULE_LINES} lines (or grown past KNOWN_LARGE): {too_large}"
+    shrunk = {name: sizes.get(name) for name in KNOWN_LARGE if sizes.get(name, 0) <= MAX_MODULE_LINES}
+    assert not shrunk, f"within {MAX_MODULE_LINES} lines now (or gone): remove from KNOWN_LARGE: {shrunk}"

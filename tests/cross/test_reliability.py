@@ -26,7 +26,7 @@ from animl_lightning.core.contract import read_splits
 from animl_lightning.core.crop_files import has_jpeg_markers
 from animl_lightning.core.files import LOCK_FILENAME
 from animl_lightning.deploy.classify import run_classify
-from animl_lightning.deploy.export import export_checkpoint
+from animl_lightning.deploy.export_formats import export_checkpoint
 from animl_lightning.prepare.pipeline import run_prepare
 from animl_lightning.train.checkpointing import CheckpointError, read_checkpoint
 from tests.fixtures.cct import write_cct

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.deploy.export import export_checkpoint, sidecar_path
+from animl_lightning.deploy.export import sidecar_path
+from animl_lightning.deploy.export_formats import export_checkpoint
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.train.calibration import store_calibration
 from tests.fixtures.models import CLASS_NAMES, IMAGE_SIZE, write_checkpoint
@@ -120,3 +122,72 @@ def test_cli_exports_and_reports_bad_input_without_traceback(
     assert not (tmp_path / "x.onnx").exists()
     assert _main([f"checkpoint={calibrated_checkpoint}", "format=tflite", f"output={tmp_path / 'y'}"], monkeypatch) == 2
     assert "format: must be one of" in "".join(capsys.readouterr())
+
+
+def test_a_new_format_is_one_registry_entry(
+    calibrated_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from animl_lightning.deploy.export_formats import FORMATS, Exported, ExportFormat, ExportJob
+
+    jobs: list[ExportJob] = []
+
+    def write_fake(job: ExportJob) -> Exported:
+        jobs.append(job)
+        job.output.write_text(f"fake model of {job.checkpoint.name}", encoding="utf-8")
+        return Exported(f"wrote {job.output} (fake)")
+
+    monkeypatch.setitem(FORMATS, "fake", ExportFormat("fake", "file", ("fp32",), "", (), write_fake))
+    output = tmp_path / "model.fake"
+    assert _main([f"checkpoint={calibrated_checkpoint}", "format=fake", f"output={output}"], monkeypatch) == 0
+    assert [(job.format, job.checkpoint, job.output, job.precision) for job in jobs] == [
+        ("fake", calibrated_checkpoint, output, "fp32")
+    ]
+    assert jobs[0].options == {}  # export.yaml has no fake: block
+    assert output.read_text(encoding="utf-8") == "fake model of model.ckpt"
+    assert capsys.readouterr().out.strip().endswith(f"wrote {output} (fake)")
+    # The registry's precisions are checked before the writer runs.
+    args = [f"checkpoint={calibrated_checkpoint}", "format=fake", f"output={output}", "precision=int8"]
+    assert _main(args, monkeypatch) == 2
+    assert len(jobs) == 1
+    assert "precision=int8 is made with ONNX Runtime: use format=onnx or format=animl, not fake" in "".join(
+        capsys.readouterr()
+    )
+
+
+def test_a_format_gets_the_settings_block_named_after_it(
+    calibrated_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from animl_lightning.deploy.export_formats import FORMATS, Exported, ExportJob
+
+    jobs: list[ExportJob] = []
+
+    def record(job: ExportJob) -> Exported:
+        jobs.append(job)
+        return Exported("recorded")
+
+    monkeypatch.setitem(FORMATS, "animl", dataclasses.replace(FORMATS["animl"], modules=(), write=record))
+    args = [f"checkpoint={calibrated_checkpoint}", "format=animl", f"output={tmp_path / 'b'}", "animl.version=7"]
+    assert _main(args, monkeypatch) == 0
+    assert jobs[0].options == {"model_id": None, "version": 7, "description": None, "default_threshold": 0.5}
+
+
+def test_the_format_error_lists_every_registered_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    from animl_lightning.deploy.export import ExportError
+    from animl_lightning.deploy.export_formats import FORMATS, check_format
+
+    with pytest.raises(ExportError) as raised:
+        check_format("bogus", "fp32")
+    assert str(raised.value) == "format: must be one of ['onnx', 'torchscript', 'animl'], got 'bogus'"
+    monkeypatch.setitem(FORMATS, "tflite", dataclasses.replace(FORMATS["onnx"], name="tflite"))
+    with pytest.raises(ExportError, match=r"\['onnx', 'torchscript', 'animl', 'tflite'\], got 'bogus'"):
+        check_format("bogus", "fp32")
+    with pytest.raises(ExportError, match=r"^precision: must be one of \['fp32', 'int8'\], got 'fp16'$"):
+        check_format("onnx", "fp16")
+
+
+def test_a_folder_format_is_not_a_model_file(calibrated_checkpoint: Path, tmp_path: Path) -> None:
+    from animl_lightning.deploy.export import ExportError
+
+    with pytest.raises(ExportError, match=r"^format=animl writes a folder, not one model file$"):
+        export_checkpoint(calibrated_checkpoint, "animl", tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()

@@ -21,7 +21,7 @@ from animl_lightning.core.model_file import MODEL_KEY, THRESHOLDS_KEY, Deployabl
 from animl_lightning.deploy.animl_bundle import bundle_description
 from animl_lightning.deploy.classify import ClassifySettings, classify_detections
 from animl_lightning.deploy.classify_inputs import read_detections_file
-from animl_lightning.deploy.export import export_checkpoint
+from animl_lightning.deploy.export_formats import export_checkpoint
 from animl_lightning.deploy.inference import load_classifier
 from animl_lightning.train.calibration import store_calibration
 from animl_lightning.train.checkpointing import read_checkpoint, update_checkpoint

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 import train as train_script
-from animl_lightning.deploy.export import export_checkpoint, sidecar, supports_dynamic_size, torchscript_bytes
+from animl_lightning.deploy.export import sidecar, supports_dynamic_size, torchscript_bytes
+from animl_lightning.deploy.export_formats import export_checkpoint
 from animl_lightning.deploy.inference import load_classifier
 from animl_lightning.train.calibration import CALIBRATION_KEY, fit_temperature
 from animl_lightning.train.checkpointing import THRESHOLDS_KEY
