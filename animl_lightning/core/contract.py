@@ -42,7 +42,7 @@ import pandas as pd
 
 from animl_lightning.core.crop_files import has_jpeg_markers
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import AnimlError, InputFileError
 from animl_lightning.core.files import atomic_write, atomic_write_json, read_json_file, safe_relative
 from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.taxonomy import TAXONOMY_FILENAME, Taxonomy, read_taxonomy
@@ -80,7 +80,7 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 LocationKey = tuple[str, str]
 
 
-class DatasetError(AnimlError, ValueError):
+class DatasetError(InputFileError):
     """A prepared dataset folder is inconsistent or malformed; the message names the file and the record."""
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from animl_lightning.core.cct import CctError, load_cct
-from animl_lightning.core.errors import AnimlError
+from animl_lightning.core.errors import AnimlError, InputFileError
 from animl_lightning.core.files import safe_join
 from animl_lightning.core.imaging import image_display_size
 from animl_lightning.core.issues import PrepareReport
@@ -29,7 +29,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ANIMAL_CATEGORIES = {"1": "animal"}
 
 
-class ClassifyInputError(AnimlError, ValueError):
+class ClassifyInputError(InputFileError):
     """An input file or folder is unusable; the message names the file, the record and the field."""
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.jit._trace import TracerWarning
 
 from animl_lightning import __version__
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.files import atomic_write_bytes, atomic_write_json
 from animl_lightning.core.model_file import FlipAveraged
 from animl_lightning.deploy.inference import LoadedClassifier
@@ -51,7 +51,7 @@ _MIN_SIDE = 32
 _MAX_SIDE = 4096
 
 
-class ExportError(AnimlError, ValueError):
+class ExportError(ConfigError):
     """The model cannot be exported in the requested format; the message names the format and the cause."""
 
 

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from animl_lightning.core.contract import load_prepared_dataset
-from animl_lightning.core.errors import AnimlError, require
+from animl_lightning.core.errors import AnimlError, ConfigError, require
 from animl_lightning.core.preprocessing import EvalTransform
 from animl_lightning.deploy.inference import LoadedClassifier
 from animl_lightning.deploy.onnx_cache import OnnxCache, package_versions, source_digest
@@ -52,7 +52,7 @@ CHECK_BATCH = 16
 _SAMPLE_SEED = 0
 
 
-class QuantizationError(AnimlError, ValueError):
+class QuantizationError(ConfigError):
     """The int8 model cannot be made or falls below the agreement floor; the message says which, in one line."""
 
 

@@ -35,7 +35,7 @@ from typing_extensions import override
 
 from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import AnimlError, ConfigError, InputFileError
 from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.model_file import (
     TTA_MODES,
@@ -69,7 +69,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 Batch = tuple[Tensor, Tensor, Tensor]
 
 
-class PretrainedWeightsError(AnimlError, ValueError):
+class PretrainedWeightsError(InputFileError):
     """Pretrained weights cannot be obtained (hub download failed) or loaded."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +192,20 @@ def test_no_module_over_600_lines() -> None:
     assert not too_large, f"modules over {MAX_MODULE_LINES} lines (or grown past KNOWN_LARGE): {too_large}"
     shrunk = {name: sizes.get(name) for name in KNOWN_LARGE if sizes.get(name, 0) <= MAX_MODULE_LINES}
     assert not shrunk, f"within {MAX_MODULE_LINES} lines now (or gone): remove from KNOWN_LARGE: {shrunk}"
+
+
+def test_every_error_says_what_the_user_must_do() -> None:
+    """Each error class is in one of the three groups of core/errors.py: fix a setting, fix an input file or record,
+    free or reach a resource."""
+    groups = (errors.ConfigError, errors.InputFileError, errors.ResourceError)
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = importlib.import_module(
+            "animl_lightning." + path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
+        )
+        for name, cls in vars(module).items():
+            if not (isinstance(cls, type) and issubclass(cls, errors.AnimlError)) or cls.__module__ != module.__name__:
+                continue
+            if cls in (errors.AnimlError, *groups):
+                continue
+            belongs = [group.__name__ for group in groups if issubclass(cls, group)]
+            assert len(belongs) == 1, f"{module.__name__}.{name} belongs to {belongs or 'no group'}"
