@@ -24,18 +24,11 @@ from timm.loss.cross_entropy import SoftTargetCrossEntropy
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 from torch.nn import functional
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 from typing_extensions import override
 
 from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.core.errors import AnimlError, ConfigError, InputFileError
+from animl_lightning.core.errors import AnimlError, ConfigError
 from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.model_file import (
     TTA_MODES,
@@ -57,7 +50,10 @@ from animl_lightning.train.checkpointing import (
     rng_states_to_restore,
 )
 from animl_lightning.train.datamodule import resolve_input_size
+from animl_lightning.train.pretrained import PretrainedWeightsError, load_pretrained_file
+from animl_lightning.train.recipe_settings import check_recipe_settings, log_label_prior
 from animl_lightning.train.scores import macro_scores
+from animl_lightning.train.split_metrics import SplitMetrics, metrics_key
 
 log = logging.getLogger(__name__)
 
@@ -67,42 +63,6 @@ LIVE_WEIGHTS_KEY = "animl_live_weights"
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 Batch = tuple[Tensor, Tensor, Tensor]
-
-
-class PretrainedWeightsError(InputFileError):
-    """Pretrained weights cannot be obtained (hub download failed) or loaded."""
-
-
-class PretrainedFileError(PretrainedWeightsError):
-    """A ``model.pretrained_file`` cannot be read or does not fit the architecture."""
-
-
-class SplitMetrics(nn.Module):
-    """Metric state of one split: scalar metrics, mean loss and the confusion matrix.
-
-    Child modules of the LightningModule, so they follow its device and torchmetrics gathers their *states* across
-    DDP ranks before computing (nothing is averaged per rank).
-    """
-
-    def __init__(self, num_classes: int, split: str) -> None:
-        super().__init__()
-        scalars: dict[str, Any] = {
-            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            "precision_macro": MulticlassPrecision(num_classes, average="macro"),
-            "recall_macro": MulticlassRecall(num_classes, average="macro"),
-        }
-        # torchmetrics refuses top_k > num_classes; with fewer than 3 labels top-3 is left out (NaN in the tables).
-        if num_classes >= 3:
-            scalars["top3"] = MulticlassAccuracy(num_classes, top_k=3, average="micro")
-        self.scalars = MetricCollection(scalars, prefix=f"{split}/", compute_groups=False)
-        self.loss = MeanMetric()
-        self.confusion = MulticlassConfusionMatrix(num_classes)
-
-    def reset(self) -> None:
-        """Clear all state (called at epoch start)."""
-        self.scalars.reset()
-        self.loss.reset()
-        self.confusion.reset()
 
 
 class CropClassifier(LightningModule):
@@ -272,7 +232,7 @@ class CropClassifier(LightningModule):
                 data_config = {**data_config, "input_size": (int(data_config["input_size"][0]), *built[0])}
         self.data_config = data_config
 
-        self.metrics = nn.ModuleDict({_metrics_key(s): SplitMetrics(len(class_names), s) for s in SPLIT_NAMES})
+        self.metrics = nn.ModuleDict({metrics_key(s): SplitMetrics(len(class_names), s) for s in SPLIT_NAMES})
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -539,7 +499,7 @@ class CropClassifier(LightningModule):
         return confusion.compute().detach().cpu().numpy().astype(np.int64)
 
     def _split_metrics(self, split: str) -> SplitMetrics:
-        metrics = self.metrics[_metrics_key(split)]
+        metrics = self.metrics[metrics_key(split)]
         assert isinstance(metrics, SplitMetrics)
         return metrics
 
@@ -634,128 +594,3 @@ def built_input_size(network: nn.Module) -> tuple[tuple[int, int], bool] | None:
     if size is None:
         return None
     return (int(size[0]), int(size[1])), bool(getattr(patch_embed, "strict_img_size", False))
-
-
-def log_label_prior(counts: np.ndarray) -> Tensor:
-    """log of each label's share of the train crops; a label with no crop counts as one, so the log stays finite."""
-    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
-    return torch.from_numpy(np.log(counts / counts.sum())).float()
-
-
-def check_recipe_settings(
-    *,
-    drop_path_rate: float,
-    mixup_alpha: float,
-    cutmix_alpha: float,
-    mixup_prob: float,
-    mixup_switch_prob: float,
-    ema_decay: float,
-    backbone_lr_scale: float,
-    logit_adjustment: float,
-    tta: str,
-) -> None:
-    """Refuse recipe settings outside their ranges, naming the key."""
-    ranges = (
-        ("drop_path_rate", drop_path_rate, 0.0, 1.0, False),
-        ("mixup_alpha", mixup_alpha, 0.0, None, True),
-        ("cutmix_alpha", cutmix_alpha, 0.0, None, True),
-        ("mixup_prob", mixup_prob, 0.0, 1.0, True),
-        ("mixup_switch_prob", mixup_switch_prob, 0.0, 1.0, True),
-        ("ema_decay", ema_decay, 0.0, 1.0, False),
-        ("logit_adjustment", logit_adjustment, 0.0, None, True),
-    )
-    for key, value, low, high, high_inclusive in ranges:
-        above = high is not None and (value > high if high_inclusive else value >= high)
-        if value < low or above:
-            bound = "]" if high_inclusive else ")"
-            raise ConfigError(
-                f"model.{key} must be in [{low}, {high if high is not None else 'inf'}{bound}, got {value}"
-            )
-    if not backbone_lr_scale > 0:
-        raise ConfigError(f"model.backbone_lr_scale must be > 0, got {backbone_lr_scale}")
-    if tta not in TTA_MODES:
-        raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {tta!r}")
-
-
-def load_pretrained_file(model: nn.Module, path: str | Path) -> None:
-    """Load backbone weights from a local file into a timm ``model``, keeping a head of another shape as built.
-
-    Accepts ``.safetensors``, a plain state dict, a Lightning checkpoint (``state_dict`` with ``model.`` prefixes)
-    or the old pipeline's ``{"model": state_dict}``; torch files are read with ``weights_only=True``.
-
-    Raises:
-        PretrainedFileError: naming the file and the first mismatched keys when it does not fit the architecture.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PretrainedFileError(f"model.pretrained_file {path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw: object = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt files raise many types (pickle, zip, safetensors, unpickler refusals)
-        raise PretrainedFileError(f"model.pretrained_file {path}: cannot read weights: {err}") from err
-    state = _unwrap_state_dict(raw, path)
-
-    own = model.state_dict()
-    head_prefixes = _head_prefixes(model)
-
-    def is_head(key: str) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in head_prefixes)
-
-    shape_mismatch = [
-        f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape) and not is_head(k)
-    ]
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not is_head(k) and not k.endswith("num_batches_tracked")]
-    if shape_mismatch or unexpected or missing:
-        details = []
-        if shape_mismatch:
-            details.append(f"{len(shape_mismatch)} shape mismatches, e.g. {shape_mismatch[:5]}")
-        if missing:
-            details.append(f"{len(missing)} keys missing from the file, e.g. {missing[:5]}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected keys in the file, e.g. {unexpected[:5]}")
-        raise PretrainedFileError(
-            f"model.pretrained_file {path} does not fit {type(model).__name__} "
-            f"({getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}): " + "; ".join(details)
-        )
-    dropped = [k for k, v in state.items() if is_head(k) and tuple(v.shape) != tuple(own[k].shape)]
-    kept = {k: v for k, v in state.items() if k not in dropped}
-    model.load_state_dict(kept, strict=False)
-    if dropped:
-        log.info("loaded %s; re-initialised head (%s) for the new label count", path, ", ".join(dropped))
-    else:
-        log.info("loaded %s", path)
-
-
-def _unwrap_state_dict(raw: object, path: Path) -> dict[str, Tensor]:
-    if isinstance(raw, Mapping):
-        for key in ("state_dict", "model", "state_dict_ema"):
-            nested = raw.get(key)
-            if isinstance(nested, Mapping) and nested and all(isinstance(v, Tensor) for v in nested.values()):
-                raw = nested
-                break
-    if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
-        raise PretrainedFileError(f"model.pretrained_file {path}: expected a state dict of tensors")
-    state = {str(k): v for k, v in raw.items()}
-    for prefix in ("model.", "module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _head_prefixes(model: nn.Module) -> list[str]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    classifier = cfg.get("classifier", "classifier")
-    return [classifier] if isinstance(classifier, str) else [str(c) for c in classifier]
-
-
-def _metrics_key(split: str) -> str:
-    # nn.ModuleDict refuses the key "train" (it is an nn.Module method).
-    return f"{split}_metrics"

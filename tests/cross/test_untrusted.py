@@ -26,7 +26,8 @@ from animl_lightning.prepare.config import CropSettings, PrepareSettings, S3Sett
 from animl_lightning.prepare.labels import LabelSpecError, load_label_spec
 from animl_lightning.prepare.pipeline import run_prepare
 from animl_lightning.train.checkpointing import CheckpointError
-from animl_lightning.train.classifier import CropClassifier, PretrainedFileError, load_pretrained_file
+from animl_lightning.train.classifier import CropClassifier
+from animl_lightning.train.pretrained import PretrainedFileError, load_pretrained_file
 from tests.fixtures.cct import write_cct
 from tests.fixtures.datasets import make_prepared_dataset
 from tests.fixtures.files import noise_jpeg

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.train.classifier import CropClassifier, PretrainedFileError
+from animl_lightning.train.classifier import CropClassifier
+from animl_lightning.train.pretrained import PretrainedFileError
 
 LABELS = ["bird", "fox", "skunk"]
 
@@ -201,7 +202,7 @@ def test_bad_arguments_raise_value_error(kwargs: dict[str, object], match: str) 
 
 
 def test_pretrained_download_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from animl_lightning.train.classifier import PretrainedWeightsError
+    from animl_lightning.train.pretrained import PretrainedWeightsError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
