@@ -388,6 +388,7 @@ def run_copy(flipped_run: tuple[Path, Path, set[str]], tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_a_folder_without_predictions(tmp_path: Path) -> None:
     (tmp_path / "metrics").mkdir()
     refused(review(tmp_path), "has no metrics/predictions_val.csv or predictions_test.csv")
@@ -437,6 +438,7 @@ def test_more_folds_than_train_locations(run_copy: Path) -> None:
     assert not (run_copy / "review" / "label_issues.csv").exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_setting(run_copy: Path) -> None:
     refused(review(run_copy, "+review.folds_count=3"), "review: unknown key(s) ['folds_count']")
     refused(review(run_copy, "review.method=margin"), "review.method: must be one of")

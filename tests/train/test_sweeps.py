@@ -315,6 +315,7 @@ def test_ddp_children_of_a_sweep_job_rerun_only_that_job(monkeypatch: pytest.Mon
         assert sys.argv[1] == "-m" and single.run.dir == "outputs/run"
 
 
+@pytest.mark.slow
 def test_train_runs_without_wandb_installed(tmp_path: Path) -> None:
     data = make_prepared_dataset(tmp_path / "data", per_label=2, size=32)
     code = (

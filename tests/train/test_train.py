@@ -406,6 +406,7 @@ def test_eval_smoothing_votes_with_megadetectors_rules(
     assert got == expected_tp
 
 
+@pytest.mark.slow
 def test_eval_smoothing_must_be_a_known_level(data_dir: Path, tmp_path: Path) -> None:
     result = run_command(
         "train.py", [f"data_dir={data_dir}", f"hydra.run.dir={tmp_path}", "model=tiny", "eval.smoothing=video"]
