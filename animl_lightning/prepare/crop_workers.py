@@ -132,6 +132,32 @@ def _rescaled(job: ImageJob, full_size: tuple[int, int], out: list[Outcome]) -> 
     )
 
 
+def _queue_unless_done(
+    crop: CropJob,
+    window: CropWindow,
+    size: tuple[int, int],
+    redo: bool,
+    todo: list[tuple[CropJob, CropWindow, tuple[int, int]]],
+    existed: set[int],
+    out: list[Outcome],
+) -> None:
+    """Queue ``crop`` unless a valid crop of ``size`` is already there (kept unless ``redo``); one that is there but
+    is replaced is remembered in ``existed``, so its outcome says ``redone``."""
+    target = Path(crop.target)
+    if target.exists():
+        if not redo and crop_is_valid(target, size):
+            out.append(Outcome(crop.row, "skipped"))
+            return
+        existed.add(crop.row)
+    todo.append((crop, window, size))
+
+
+def _fail_the_rest(job: ImageJob, out: list[Outcome], err: ImageLoadError) -> None:
+    """Every crop of ``job`` without an outcome yet fails with the image's error."""
+    done = {o.row for o in out}
+    out.extend(Outcome(c.row, "failed", err.kind, str(err)) for c in job.crops if c.row not in done)
+
+
 def crop_one_image_lossless(job: ImageJob, rule: CropRule, quality: int, redo: bool) -> list[Outcome]:
     """:func:`crop_one_image` under ``crops.lossless``: cut what the header allows, decode only for the rest.
 
@@ -152,14 +178,7 @@ def crop_one_image_lossless(job: ImageJob, rule: CropRule, quality: int, redo: b
         except CropError as err:
             out.append(Outcome(crop.row, "failed", "degenerate_box", str(err)))
             continue
-        size = output_size(window, rule.max_size)
-        target = Path(crop.target)
-        if target.exists():
-            if not redo and crop_is_valid(target, size):
-                out.append(Outcome(crop.row, "skipped"))
-                continue
-            existed.add(crop.row)
-        todo.append((crop, window, size))
+        _queue_unless_done(crop, window, output_size(window, rule.max_size), redo, todo, existed, out)
     reason = header.fallback or ("library_missing" if turbojpeg() is None else "")
     cut = [t for t in todo if not reason and not t[1].padded]
     made = cut_jpeg(header.data, [cut_region(w) for _, w, _ in cut]) if cut else []
@@ -187,8 +206,7 @@ def crop_one_image_lossless(job: ImageJob, rule: CropRule, quality: int, redo: b
     try:
         decoded = decode_image(Path(job.source), lambda _size: draft_reduction(planned), header.data)
     except ImageLoadError as err:
-        done = {o.row for o in out}
-        out.extend(Outcome(c.row, "failed", err.kind, str(err)) for c in job.crops if c.row not in done)
+        _fail_the_rest(job, out, err)
         return out
     for crop, window, size in rest:
         try:
@@ -216,20 +234,13 @@ def crop_one_image(
     def choose(full_size: tuple[int, int]) -> int:
         crops = _rescaled(job, full_size, out)
         for crop, window, size in _plan(crops, full_size, strategy, max_size, out):
-            target = Path(crop.target)
-            if target.exists():
-                if not redo and crop_is_valid(target, size):
-                    out.append(Outcome(crop.row, "skipped"))
-                    continue
-                existed.add(crop.row)
-            todo.append((crop, window, size))
+            _queue_unless_done(crop, window, size, redo, todo, existed, out)
         return draft_reduction([(w, s) for _, w, s in todo]) if max_size is not None else 1
 
     try:
         decoded = decode_image(Path(job.source), choose)
     except ImageLoadError as err:
-        done = {o.row for o in out}
-        out.extend(Outcome(c.row, "failed", err.kind, str(err)) for c in job.crops if c.row not in done)
+        _fail_the_rest(job, out, err)
         return out
     for crop, window, size in todo:
         try:
