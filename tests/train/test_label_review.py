@@ -402,16 +402,20 @@ def test_a_run_trained_before_the_review(run_copy: Path) -> None:
     assert not (run_copy / "review").exists()
 
 
-def test_a_dataset_prepared_again_since_the_run(
-    flipped_run: tuple[Path, Path, set[str]], run_copy: Path, tmp_path: Path
-) -> None:
-    _, data, _ = flipped_run
-    moved = tmp_path / "data"
+def dataset_moved_for(run: Path, data: Path, moved: Path) -> Path:
+    """A copy of the run's dataset at ``moved``, which the run's prediction record now names."""
     shutil.copytree(data, moved)
-    record_file = run_copy / "metrics" / "predictions.json"
+    record_file = run / "metrics" / "predictions.json"
     record = json.loads(record_file.read_text())
     record["data_dir"] = str(moved)
     record_file.write_text(json.dumps(record))
+    return moved
+
+
+def test_a_dataset_prepared_again_since_the_run(
+    flipped_run: tuple[Path, Path, set[str]], run_copy: Path, tmp_path: Path
+) -> None:
+    moved = dataset_moved_for(run_copy, flipped_run[1], tmp_path / "data")
     frame = pd.read_csv(moved / "classification_ds.csv", dtype=str, keep_default_na=False)
     frame.loc[0, "label"] = "skunk" if frame.loc[0, "label"] != "skunk" else "fox"
     frame.to_csv(moved / "classification_ds.csv", index=False)
@@ -420,13 +424,7 @@ def test_a_dataset_prepared_again_since_the_run(
 
 
 def test_a_deleted_crop(flipped_run: tuple[Path, Path, set[str]], run_copy: Path, tmp_path: Path) -> None:
-    _, data, _ = flipped_run
-    moved = tmp_path / "data"
-    shutil.copytree(data, moved)
-    record_file = run_copy / "metrics" / "predictions.json"
-    record = json.loads(record_file.read_text())
-    record["data_dir"] = str(moved)
-    record_file.write_text(json.dumps(record))
+    moved = dataset_moved_for(run_copy, flipped_run[1], tmp_path / "data")
     gone = pd.read_csv(run_copy / "metrics" / "predictions_val.csv")["path"].iloc[0]
     (moved / "crops" / gone).unlink()
     refused(review(run_copy), "1 reviewed crops are missing or damaged", gone)
