@@ -25,7 +25,7 @@ from animl_lightning.deploy.inference import load_classifier
 from tests.fixtures.datasets import make_prepared_dataset
 from tests.fixtures.hydra import compose_config
 from tests.fixtures.models import write_checkpoint
-from tests.fixtures.scripts import SCRIPT_OVERRIDES
+from tests.fixtures.scripts import SCRIPT_OVERRIDES, run_in_process
 
 # The module whose main() each command runs.
 ENTRY_POINTS = {
@@ -43,13 +43,7 @@ def run_main(
 ) -> tuple[int, str]:
     """Run ``command ARGS`` in this process; return its exit status and stderr."""
     main = importlib.import_module(ENTRY_POINTS[command]).main
-    monkeypatch.setattr(sys, "argv", [command, *args])
-    try:
-        main()
-        status = 0
-    except SystemExit as stop:
-        status = int(stop.code or 0)
-    return status, capsys.readouterr().err
+    return run_in_process(main, [command, *args], monkeypatch), capsys.readouterr().err
 
 
 def one_error_line(stderr: str, command: str) -> str:

@@ -16,6 +16,7 @@ import pytest
 import animl_lightning
 from animl_lightning.cli import CONFIG_DIR, find_config_dir
 from tests.fixtures.hydra import REPO_ROOT
+from tests.fixtures.scripts import run_in_process
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
@@ -71,12 +72,7 @@ def test_console_script_resolves_and_its_help_exits_zero(
     module_name, _, function_name = SCRIPTS[script].partition(":")
     main = getattr(importlib.import_module(module_name), function_name)
     assert callable(main)
-    monkeypatch.setattr(sys, "argv", [script, "--help"])
-    try:
-        main()
-        status = 0
-    except SystemExit as stop:
-        status = int(stop.code or 0)
+    status = run_in_process(main, [script, "--help"], monkeypatch)
     out = capsys.readouterr().out
     assert status == 0
     # Hydra's help: the command's name and its config groups, composed from the package's configs.

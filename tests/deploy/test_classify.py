@@ -31,6 +31,7 @@ from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from tests.fixtures.files import write_jpeg
 from tests.fixtures.hydra import REPO_ROOT
 from tests.fixtures.models import CLASS_NAMES, write_checkpoint, write_megadetector_file
+from tests.fixtures.scripts import run_in_process
 
 REPO = REPO_ROOT
 SETTINGS = ClassifySettings(threshold=0.8, min_conf=0.05, batch_size=3, num_workers=0, top_k=3, backend="torch")
@@ -365,12 +366,7 @@ def _main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     """Run the Hydra entry point in this process (as ``python -m animl_lightning.classify ARGS``)."""
     from animl_lightning.classify import main
 
-    monkeypatch.setattr(sys, "argv", ["animl_lightning.classify", *args])
-    try:
-        main()
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return 0
+    return run_in_process(main, ["animl_lightning.classify", *args], monkeypatch)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from animl_lightning.deploy.export_formats import export_checkpoint
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
 from animl_lightning.train.calibration import store_calibration
 from tests.fixtures.models import CLASS_NAMES, IMAGE_SIZE, write_checkpoint
+from tests.fixtures.scripts import run_in_process
 
 TEMPERATURE = 1.7
 
@@ -96,12 +96,7 @@ def _main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     """Run the Hydra entry point in this process (as ``python -m animl_lightning.export ARGS``); return its status."""
     from animl_lightning.export import main
 
-    monkeypatch.setattr(sys, "argv", ["animl_lightning.export", *args])
-    try:
-        main()
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return 0
+    return run_in_process(main, ["animl_lightning.export", *args], monkeypatch)
 
 
 def test_cli_exports_and_reports_bad_input_without_traceback(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from animl_lightning.deploy.onnx_cache import OnnxCache, identity_key
 from animl_lightning.deploy.onnx_runtime import OnnxClassifier
 from animl_lightning.deploy.quantize import Int8Settings, QuantizationError, build_int8, crop_batches, val_crops
 from tests.fixtures.models import write_megadetector_file
+from tests.fixtures.scripts import run_in_process
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -52,12 +52,7 @@ def _run(module: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     import importlib
 
     main = importlib.import_module(f"animl_lightning.{module}").main
-    monkeypatch.setattr(sys, "argv", [f"animl_lightning.{module}", *args])
-    try:
-        main()
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return 0
+    return run_in_process(main, [f"animl_lightning.{module}", *args], monkeypatch)
 
 
 def test_export_below_the_floor_says_so_in_one_line_and_writes_nothing(
