@@ -82,26 +82,29 @@ def test_console_script_resolves_and_its_help_exits_zero(
         assert "model: " in out and "tiny" in out
 
 
-def _installed_from_this_checkout() -> bool:
-    try:
-        direct_url = importlib.metadata.distribution("animl-lightning").read_text("direct_url.json")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    if not direct_url:
-        return False
-    url = json.loads(direct_url).get("url", "")
-    return bool(url.startswith("file://") and Path(url.removeprefix("file://")).resolve() == REPO_ROOT.resolve())
+def _installed_from_this_checkout() -> importlib.metadata.Distribution | None:
+    """The installed distribution whose ``direct_url.json`` names this checkout, or None.
+
+    Every distribution of the name is looked at: the checkout's own ``animl_lightning.egg-info`` (which
+    ``pip install -e .`` can leave beside the sources, and which pytest's ``pythonpath`` puts first) has no
+    ``direct_url.json``.
+    """
+    for distribution in importlib.metadata.distributions(name="animl-lightning"):
+        direct_url = distribution.read_text("direct_url.json")
+        if not direct_url:
+            continue
+        url = json.loads(direct_url).get("url", "")
+        if url.startswith("file://") and Path(url.removeprefix("file://")).resolve() == REPO_ROOT.resolve():
+            return distribution
+    return None
 
 
 def test_installed_console_scripts_are_the_pyproject_ones() -> None:
     """After ``pip install -e .`` of this checkout (the README's install, .ci/run's), the console commands exist."""
-    if not _installed_from_this_checkout():
+    distribution = _installed_from_this_checkout()
+    if distribution is None:
         pytest.skip("animl-lightning is not installed from this checkout (pip install -e . installs the commands)")
-    installed = {
-        entry.name: entry.value
-        for entry in importlib.metadata.distribution("animl-lightning").entry_points
-        if entry.group == "console_scripts"
-    }
+    installed = {entry.name: entry.value for entry in distribution.entry_points if entry.group == "console_scripts"}
     assert installed == SCRIPTS
     scripts_dir = Path(sys.executable).parent
     for script in COMMANDS:
