@@ -3,7 +3,8 @@
     python prepare.py                                   # the generated demo project -> data/demo
     python prepare.py coco_file=export.json images_dir=images output_dir=data/mine s3.bucket=animl-images-serving-prod
 
-The command lives in :mod:`animl_lightning.prepare_command`; see configs/prepare.yaml for every key.
+The command lives in :mod:`animl_lightning.prepare_command`; every key and its default are in
+animl_lightning/prepare/config.py.
 """
 
 from __future__ import annotations

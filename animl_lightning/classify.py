@@ -14,11 +14,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
+from animl_lightning.config_schemas import register_schemas
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.smoothing import SmoothingOptions
 from animl_lightning.deploy.classify import ClassifySettings, run_classify
 from animl_lightning.deploy.classify_job import ClassifySummary
-from animl_lightning.deploy.quantize import Int8Settings
+from animl_lightning.deploy.int8_settings import Int8Settings
 
 
 def _required(cfg: DictConfig, key: str) -> Any:
@@ -60,6 +61,9 @@ def classify(cfg: DictConfig) -> ClassifySummary:
     failed = summary.failure_note()
     print(f"{wrote}; {failed}" if failed else wrote)
     return summary
+
+
+register_schemas("classify")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="classify")

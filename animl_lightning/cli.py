@@ -44,7 +44,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import MissingMandatoryValue
 
-from animl_lightning.core.errors import AnimlError, ConfigError, InterruptedWork
+from animl_lightning.core.errors import AnimlError, ConfigError, InterruptedWork, ResourceError
 from animl_lightning.core.files import atomic_write_text
 from animl_lightning.train.sweeps import write_failed_run
 
@@ -153,13 +153,13 @@ def require_extra(extra: str, modules: Sequence[str]) -> None:
     """Import ``modules`` (of pyproject.toml's ``extra``) now, so a missing one is named before any work.
 
     Raises:
-        ConfigError: naming the first missing module and the ``pip install`` that brings it.
+        ResourceError: naming the first missing module and the ``pip install`` that brings it.
     """
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as err:
-            raise ConfigError(missing_extra_message(module, extra)) from err
+            raise ResourceError(missing_extra_message(module, extra)) from err
 
 
 def in_sweep() -> bool:

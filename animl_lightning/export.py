@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, require_extra, run_command
+from animl_lightning.config_schemas import register_schemas
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.deploy.export_formats import ExportJob, check_format
 
@@ -43,8 +44,8 @@ def export(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, key) or not cfg[key]:
             raise ConfigError(f"{key}: must be set (e.g. {key}=PATH on the command line)")
     require_extra(entry.extra, entry.modules)
+    from animl_lightning.deploy.int8_settings import Int8Settings
     from animl_lightning.deploy.onnx_cache import OnnxCache, resolve_cache_dir
-    from animl_lightning.deploy.quantize import Int8Settings
 
     int8 = Int8Settings(**OmegaConf.to_container(cfg.int8, resolve=True))  # type: ignore[arg-type]
     folder = resolve_cache_dir(cfg.cache_dir)
@@ -63,6 +64,9 @@ def export(cfg: DictConfig) -> None:
     if exported.int8_report is not None:
         print(int8_table(exported.int8_report))
     print(exported.summary)
+
+
+register_schemas("export")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")

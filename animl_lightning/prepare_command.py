@@ -5,7 +5,7 @@ dataset from a COCO Camera Traps export.
     python prepare.py coco_file=export.json images_dir=images output_dir=data/mine s3.bucket=animl-images-serving-prod
 
 Stages: ingest -> images -> [detect] -> boxes -> crops -> labels -> dataset -> splits (detect: with
-detector.model_file). See configs/prepare.yaml for every key.
+detector.model_file). Every key and its default: animl_lightning/prepare/config.py.
 The Hydra edge only: compose and validate the settings, run :func:`animl_lightning.prepare.pipeline.run_prepare`,
 print the summary; errors become one line (:func:`animl_lightning.cli.run_command`).
 """
@@ -13,15 +13,13 @@ print the summary; errors become one line (:func:`animl_lightning.cli.run_comman
 from __future__ import annotations
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
+from animl_lightning.cli import CONFIG_DIR, console_command, refuse_unknown_keys, run_command
+from animl_lightning.config_schemas import register_schemas
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.prepare.config import PrepareSettings
 from animl_lightning.prepare.pipeline import format_summary, run_prepare
-
-ConfigStore.instance().store(name="prepare_schema", node=PrepareSettings)
 
 
 def settings_from_config(cfg: DictConfig) -> PrepareSettings:
@@ -35,7 +33,10 @@ def settings_from_config(cfg: DictConfig) -> PrepareSettings:
 def prepare(cfg: DictConfig) -> None:
     """Validate the config, run the stages, print the summary."""
     refuse_unknown_keys(cfg)
-    print(format_summary(run_prepare(settings_from_config(cfg))))
+    print(format_summary(run_prepare(settings_from_config(cfg), command=console_command() or "prepare.py")))
+
+
+register_schemas("prepare")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")

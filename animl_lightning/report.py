@@ -10,7 +10,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.config_schemas import register_schemas
+from animl_lightning.core.errors import require
 
 
 def report(cfg: DictConfig) -> None:
@@ -18,11 +19,17 @@ def report(cfg: DictConfig) -> None:
     refuse_unknown_keys(cfg)
     from animl_lightning.train.report import ReportSettings, build_report
 
-    if OmegaConf.is_missing(cfg, "run_dir") or not cfg.run_dir:
-        raise ConfigError("run_dir: must be set to a train.py run folder (e.g. run_dir=outputs/train/DATE/TIME)")
-    settings = ReportSettings(int(cfg.table_rows), int(cfg.confusion_max_labels), int(cfg.gallery_labels))
+    require(
+        not OmegaConf.is_missing(cfg, "run_dir") and bool(cfg.run_dir),
+        "run_dir",
+        "must be set to a train.py run folder (e.g. run_dir=outputs/train/DATE/TIME)",
+    )
+    settings = ReportSettings(**OmegaConf.to_container(cfg.report, resolve=True))  # type: ignore[arg-type]
     path = build_report(str(cfg.run_dir), settings)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+register_schemas("report")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="report")

@@ -15,7 +15,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, run_command
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.config_schemas import register_schemas
+from animl_lightning.core.errors import require
 
 # The folds are fits of this package's train command. A checkout's train.py imports the package next to it (an
 # editable install of another checkout would answer `-m`); an installed package has only its module.
@@ -31,13 +32,15 @@ def review(cfg: DictConfig) -> None:
     """Review the run, print the counts and say where the files went."""
     from animl_lightning.train.label_review import ReviewSettings, load_run_predictions, review_run
 
-    if OmegaConf.is_missing(cfg, "run_dir") or not cfg.run_dir:
-        raise ConfigError("run_dir: must be set to a train.py run folder (e.g. run_dir=outputs/train/DATE/TIME)")
+    require(
+        not OmegaConf.is_missing(cfg, "run_dir") and bool(cfg.run_dir),
+        "run_dir",
+        "must be set to a train.py run folder (e.g. run_dir=outputs/train/DATE/TIME)",
+    )
     values: Any = OmegaConf.to_container(cfg.review, resolve=True)
     known = set(ReviewSettings.__dataclass_fields__)
     unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"review: unknown key(s) {unknown}; known: {sorted(known)}")
+    require(not unknown, "review", f"unknown key(s) {unknown}; known: {sorted(known)}")
     settings = ReviewSettings(**values)
     run = load_run_predictions(str(cfg.run_dir))
     train_frames = None
@@ -69,6 +72,9 @@ def _rebuild_report(run_dir: Path) -> None:
         print(f"review: warning: report.html not rebuilt: {err}", file=sys.stderr)
         return
     print(f"rebuilt {path} with the label review section")
+
+
+register_schemas("review")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="review")

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, require_extra, run_command
-from animl_lightning.core.errors import ConfigError, require
+from animl_lightning.core.errors import require
 
 # What serve imports from the deploy extra (pyproject.toml).
 SERVE_MODULES = ("uvicorn", "fastapi", "onnxruntime")
@@ -19,8 +19,11 @@ SERVE_MODULES = ("uvicorn", "fastapi", "onnxruntime")
 def serve(cfg: DictConfig) -> None:
     """Load the bundle and serve it until stopped."""
     refuse_unknown_keys(cfg)
-    if OmegaConf.is_missing(cfg, "bundle") or not cfg.bundle:
-        raise ConfigError("bundle: must be set to a folder written by export format=animl (e.g. bundle=DIR)")
+    require(
+        not OmegaConf.is_missing(cfg, "bundle") and bool(cfg.bundle),
+        "bundle",
+        "must be set to a folder written by export format=animl (e.g. bundle=DIR)",
+    )
     port = cfg.port
     # uvicorn would fail deep in socket code (OverflowError, ValueError) after loading the model.
     require(

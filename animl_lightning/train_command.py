@@ -31,6 +31,7 @@ from animl_lightning.cli import (
     CONFIG_DIR,
     apply_wandb_run_identity,
     checked_partial,
+    console_command,
     ddp_children_rerun_this_job,
     hydra_config,
     instantiate_named,
@@ -41,8 +42,9 @@ from animl_lightning.cli import (
     run_config,
     save_job_config,
 )
+from animl_lightning.config_schemas import register_schemas
 from animl_lightning.core.contract import read_crop_rule
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import require
 from animl_lightning.core.files import run_lock
 from animl_lightning.train.calibration import TemperatureCalibration
 from animl_lightning.train.checkpointing import AtomicCheckpointIO, read_checkpoint
@@ -111,7 +113,7 @@ def train(cfg: DictConfig) -> float | None:
         if process_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
             # One process writes a run folder, and writes nothing there before it holds it: a second train.py on a
             # running run's folder is refused before it touches that run's .hydra/ (DDP ranks are not refused).
-            stack.enter_context(run_lock(output_dir, "train.py"))
+            stack.enter_context(run_lock(output_dir, console_command() or "train.py"))
             save_job_config(cfg, hydra_cfg, output_dir)
         return _train_in(stack, cfg, hydra_cfg, output_dir)
 
@@ -120,8 +122,7 @@ def _train_in(stack: ExitStack, cfg: DictConfig, hydra_cfg: DictConfig | None, o
     """The work of :func:`train` once the run folder is this process's; ``stack`` closes what the run opens."""
     if not cfg.train and cfg.ckpt_path and not overridden("data_dir"):
         cfg.data_dir = checkpoint_data_dir(cfg.ckpt_path) or cfg.data_dir
-    if not cfg.get("data_dir"):
-        raise ConfigError("data_dir: must be set to a prepare.py output folder")
+    require(cfg.get("data_dir"), "data_dir", "must be set to a prepare.py output folder")
     seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: CropDataModule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
@@ -158,6 +159,9 @@ def _train_in(stack: ExitStack, cfg: DictConfig, hydra_cfg: DictConfig | None, o
     for logger in loggers:
         logger.log_hyperparams(run_config(cfg))
     return fit_and_evaluate(trainer, model, datamodule, settings)
+
+
+register_schemas("train")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -51,11 +51,10 @@ from animl_lightning.core.files import atomic_write_json  # noqa: E402
 from animl_lightning.core.machine import usable_cores  # noqa: E402
 from animl_lightning.deploy.export import cached_onnx, sidecar_path  # noqa: E402
 from animl_lightning.deploy.inference import load_classifier  # noqa: E402
+from animl_lightning.deploy.int8_settings import CALIBRATION_METHODS, Int8Settings  # noqa: E402
 from animl_lightning.deploy.onnx_cache import OnnxCache  # noqa: E402
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier  # noqa: E402
 from animl_lightning.deploy.quantize import (  # noqa: E402
-    CALIBRATION_METHODS,
-    Int8Settings,
     agreement,
     crop_batches,
     quantize,

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from animl_lightning.core.errors import ConfigError, InputFileError
+from animl_lightning.core.errors import ConfigError, InputFileError, require
 from animl_lightning.core.imaging import (
     DecodedImage,
     ImageHeader,
@@ -91,14 +91,20 @@ class CropRule:
     lossless: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lossless, bool):
-            raise ConfigError(f"crops.lossless: must be true or false, got {self.lossless!r}")
-        if self.strategy not in CROP_STRATEGIES:
-            raise ConfigError(f"crops.strategy: must be one of {list(CROP_STRATEGIES)}, got {self.strategy!r}")
-        if self.max_size is not None and (
-            isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size < MIN_MAX_SIZE
-        ):
-            raise ConfigError(f"crops.max_size: must be null or an integer >= {MIN_MAX_SIZE}, got {self.max_size!r}")
+        require(isinstance(self.lossless, bool), "crops.lossless", f"must be true or false, got {self.lossless!r}")
+        require(
+            self.strategy in CROP_STRATEGIES,
+            "crops.strategy",
+            f"must be one of {list(CROP_STRATEGIES)}, got {self.strategy!r}",
+        )
+        require(
+            self.max_size is None
+            or (
+                not isinstance(self.max_size, bool) and isinstance(self.max_size, int) and self.max_size >= MIN_MAX_SIZE
+            ),
+            "crops.max_size",
+            f"must be null or an integer >= {MIN_MAX_SIZE}, got {self.max_size!r}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``{"strategy", "max_size", "lossless"}``)."""
@@ -172,8 +178,7 @@ def crop_window(box: Box, image_size: tuple[int, int], strategy: str) -> CropWin
         CropError: non-finite box, empty image, or a box narrower or lower than one pixel once
             rounded and clipped (the crop stage reports it as a skipped box).
     """
-    if strategy not in CROP_STRATEGIES:
-        raise ConfigError(f"crops.strategy: must be one of {list(CROP_STRATEGIES)}, got {strategy!r}")
+    require(strategy in CROP_STRATEGIES, "crops.strategy", f"must be one of {list(CROP_STRATEGIES)}, got {strategy!r}")
     width, height = image_size
     if width < 1 or height < 1:
         raise CropError(f"image size must be positive, got {width}x{height}")

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import AnimlError, ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,15 @@ class LabelIndex:
     labels: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not self.labels:
-            raise ConfigError("class_names: needs at least 1 label, got none")
+        require(bool(self.labels), "class_names", "needs at least 1 label, got none")
         for position, label in enumerate(self.labels):
-            if not isinstance(label, str) or not label:
-                raise ConfigError(f"class_names: label {position} must be a non-empty string, got {label!r}")
+            require(
+                isinstance(label, str) and bool(label),
+                "class_names",
+                f"label {position} must be a non-empty string, got {label!r}",
+            )
         duplicates = sorted({label for label in self.labels if self.labels.count(label) > 1})
-        if duplicates:
-            raise ConfigError(f"class_names: labels appear more than once: {duplicates}")
+        require(not duplicates, "class_names", f"labels appear more than once: {duplicates}")
 
     @classmethod
     def of(cls, labels: Iterable[Any]) -> LabelIndex:
@@ -77,17 +78,6 @@ class LabelIndex:
     def to_dict(self) -> dict[str, str]:
         """``{"0": label, ...}``: JSON-ready, in output order."""
         return {str(position): label for position, label in enumerate(self.labels)}
-
-    def position(self, label: str) -> int:
-        """The output position of ``label``.
-
-        Raises:
-            ConfigError: ``label`` is not in the index.
-        """
-        try:
-            return self.labels.index(label)
-        except ValueError as err:
-            raise ConfigError(f"label {label!r} is not one of {list(self.labels)}") from err
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -35,7 +35,7 @@ from typing_extensions import override
 
 from animl_lightning import __version__
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.core.errors import AnimlError, ConfigError, InputFileError
+from animl_lightning.core.errors import AnimlError, ConfigError, InputFileError, require
 from animl_lightning.core.files import atomic_write_bytes, file_sha256
 from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.preprocessing import EvalTransform
@@ -82,7 +82,7 @@ def with_tta(network: nn.Module, mode: str) -> nn.Module:
         return network
     if mode == "hflip":
         return FlipAveraged(network)
-    raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {mode!r}")
+    raise ConfigError(f"eval.tta: must be one of {list(TTA_MODES)}, got {mode!r}")
 
 
 def create_network(
@@ -206,16 +206,20 @@ class DeployableModel:
     sha256: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_name, str) or not self.model_name:
-            raise ConfigError(f"model_name must name a timm model, got {self.model_name!r}")
-        if len(self.labels) < 2:
-            raise ConfigError(f"class_names must list 2 or more labels, got {list(self.labels)}")
-        if self.tta not in TTA_MODES:
-            raise ConfigError(f"tta must be one of {list(TTA_MODES)}, got {self.tta!r}")
+        require(
+            isinstance(self.model_name, str) and bool(self.model_name),
+            "model_name",
+            f"must name a timm model, got {self.model_name!r}",
+        )
+        require(len(self.labels) >= 2, "class_names", f"must list 2 or more labels, got {list(self.labels)}")
+        require(self.tta in TTA_MODES, "tta", f"must be one of {list(TTA_MODES)}, got {self.tta!r}")
         self.transform  # noqa: B018 (validates the preprocessing)
         self.temperature  # noqa: B018 (validates the stored temperature)
-        if self.taxonomy is not None and list(self.taxonomy.labels) != list(self.labels):
-            raise ConfigError(f"key '{TAXONOMY_KEY}': lists other labels than class_names")
+        require(
+            self.taxonomy is None or list(self.taxonomy.labels) == list(self.labels),
+            "key",
+            f"'{TAXONOMY_KEY}': lists other labels than class_names",
+        )
 
     @property
     def class_names(self) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, DataError, require
 from animl_lightning.core.imaging import pil_view
 
 _INTERPOLATIONS = {
@@ -53,19 +53,32 @@ class EvalTransform:
     crop_mode: str = "center"
 
     def __post_init__(self) -> None:
-        if len(self.input_size) != 3 or self.input_size[0] != 3 or min(self.input_size) < 1:
-            raise ConfigError(f"input_size must be (3, height, width), got {self.input_size!r}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ConfigError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
-        if self.crop_mode not in CROP_MODES:
-            raise ConfigError(f"crop_mode must be one of {list(CROP_MODES)}, got {self.crop_mode!r}")
-        if self.crop_mode == "center" and self.input_size[1] != self.input_size[2]:
-            # timm resizes non-square centre crops with its own ResizeKeepRatio; no model here has one.
-            raise ConfigError(f"crop_mode 'center' needs a square input_size, got {self.input_size!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"mean and std need 3 values each (std > 0), got {self.mean!r}, {self.std!r}")
+        require(
+            len(self.input_size) == 3 and self.input_size[0] == 3 and min(self.input_size) >= 1,
+            "preprocessing.input_size",
+            f"must be (3, height, width), got {self.input_size!r}",
+        )
+        require(
+            self.interpolation in _INTERPOLATIONS,
+            "preprocessing.interpolation",
+            f"must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}",
+        )
+        require(0.0 < self.crop_pct <= 1.0, "preprocessing.crop_pct", f"must be in (0, 1], got {self.crop_pct!r}")
+        require(
+            self.crop_mode in CROP_MODES,
+            "preprocessing.crop_mode",
+            f"must be one of {list(CROP_MODES)}, got {self.crop_mode!r}",
+        )
+        require(
+            self.crop_mode != "center" or self.input_size[1] == self.input_size[2],
+            "preprocessing.crop_mode",
+            f"'center' needs a square input_size, got {self.input_size!r}",
+        )
+        require(
+            len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0,
+            "preprocessing.mean",
+            f"and preprocessing.std need 3 values each (std > 0), got {self.mean!r}, {self.std!r}",
+        )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> EvalTransform:
@@ -89,7 +102,7 @@ class EvalTransform:
         except (KeyError, IndexError, TypeError, ValueError) as err:
             if isinstance(err, ConfigError):
                 raise
-            raise ConfigError(f"preprocessing config {dict(config)!r} is incomplete: {err}") from err
+            raise ConfigError(f"preprocessing: {dict(config)!r} is incomplete: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         """The timm data config keys, JSON-ready."""
@@ -125,7 +138,7 @@ class EvalTransform:
         _, out_h, out_w = self.input_size
         width, height = image.size
         if out_w > width or out_h > height:
-            raise ConfigError(f"cannot centre-crop {out_w}x{out_h} from a {width}x{height} image")
+            raise DataError(f"cannot centre-crop {out_w}x{out_h} from a {width}x{height} image")
         # Python's round (half to even), as torchvision's CenterCrop uses.
         top, left = round((height - out_h) / 2.0), round((width - out_w) / 2.0)
         pixels = np.asarray(image, dtype=np.uint8)[top : top + out_h, left : left + out_w]

@@ -30,6 +30,8 @@ from animl_lightning.core.errors import AnimlError, InputFileError
 from animl_lightning.core.preprocessing import EvalTransform
 
 BUNDLE_FILENAME = "bundle.json"
+# The numeric precisions a model is exported and served in: model.onnx, and with int8 model.int8.onnx too.
+PRECISIONS = ("fp32", "int8")
 BUNDLE_FORMAT = 1
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)  # Animl's default bbox, [ymin, xmin, ymax, xmax]
 # Probabilities in a response are rounded to this many digits (Animl stores them as floats).

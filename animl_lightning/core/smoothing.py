@@ -25,7 +25,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import require
 
 SMOOTHING_LEVELS = ("none", "image", "sequence")
 
@@ -45,15 +45,17 @@ class SmoothingOptions:
     def __post_init__(self) -> None:
         for name in ("classification_confidence_threshold", "detection_confidence_threshold"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"smoothing.{name}: must be in [0, 1], got {value}")
+            require(0.0 <= value <= 1.0, f"smoothing.{name}", f"must be in [0, 1], got {value}")
         for name in (
             "min_detections_to_overwrite_secondary",
             "max_detections_nondominant_class",
             "min_detections_to_overwrite_other",
         ):
-            if not isinstance(getattr(self, name), int):
-                raise ConfigError(f"smoothing.{name}: must be an integer, got {getattr(self, name)!r}")
+            require(
+                isinstance(getattr(self, name), int),
+                f"smoothing.{name}",
+                f"must be an integer, got {getattr(self, name)!r}",
+            )
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> SmoothingOptions:
@@ -61,8 +63,7 @@ class SmoothingOptions:
         values = dict(values or {})
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"smoothing: unknown option(s) {unknown}; known: {sorted(known)}")
+        require(not unknown, "smoothing", f"unknown option(s) {unknown}; known: {sorted(known)}")
         for key in ("other_category_names", "detection_category_names_to_smooth"):
             if key in values:
                 values[key] = tuple(str(v) for v in values[key])

@@ -46,7 +46,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from animl_lightning import __version__
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.files import (
     TMP_MARKER,
     atomic_write_bytes,
@@ -54,7 +54,7 @@ from animl_lightning.core.files import (
     atomic_write_text,
     check_writable,
 )
-from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, answer_request
+from animl_lightning.core.serving import BUNDLE_FILENAME, BUNDLE_FORMAT, PRECISIONS, answer_request
 from animl_lightning.deploy.bundle_folder import (
     MANIFEST_FILENAME,
     bundle_manifest,
@@ -63,9 +63,10 @@ from animl_lightning.deploy.bundle_folder import (
 )
 from animl_lightning.deploy.export import ExportError, cached_onnx, loadable_onnx, onnx_identity, torchscript_bytes
 from animl_lightning.deploy.inference import LoadedClassifier
+from animl_lightning.deploy.int8_settings import Int8Settings
 from animl_lightning.deploy.onnx_cache import OnnxCache
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier
-from animl_lightning.deploy.quantize import PRECISIONS, Int8Settings, build_int8
+from animl_lightning.deploy.quantize import build_int8
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +269,14 @@ def write_animl_bundle(
         QuantizationError: the int8 model cannot be made or is below ``int8.min_agreement``.
     """
     target = output_folder(output)
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"threshold: must be in [0, 1], got {threshold}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
+    require(0.0 <= threshold <= 1.0, "threshold", f"must be in [0, 1], got {threshold}")
+    require(precision in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}, got {precision!r}")
     model_id = model_id or model_id_of(loaded)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", model_id):
-        raise ConfigError(f"model_id: {model_id!r} must be letters, digits, '-' and '_'")
+    require(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", model_id) is not None,
+        "model_id",
+        f"must be letters, digits, '-' and '_', got {model_id!r}",
+    )
     onnx_model, _ = cached_onnx(loaded, cache, loadable_onnx)
     quantized: tuple[bytes, dict[str, Any]] | None = None
     if precision == "int8":

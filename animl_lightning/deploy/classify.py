@@ -58,8 +58,8 @@ from animl_lightning.deploy.inference import (
     classify_requests,
     load_classifier,
 )
+from animl_lightning.deploy.int8_settings import Int8Settings
 from animl_lightning.deploy.onnx_cache import AUTO
-from animl_lightning.deploy.quantize import Int8Settings
 from animl_lightning.deploy.runtimes import AUTO_EXPORT_MIN_CROPS, check_runtime, make_predictor, resolve_backend
 from animl_lightning.deploy.smoothing import (
     ImageSequence,

@@ -32,7 +32,7 @@ from torch import nn
 from torch.jit._trace import TracerWarning
 
 from animl_lightning import __version__
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.files import atomic_write_bytes, atomic_write_json
 from animl_lightning.core.model_file import FlipAveraged
 from animl_lightning.deploy.inference import LoadedClassifier
@@ -40,7 +40,7 @@ from animl_lightning.deploy.onnx_cache import CachedModel, OnnxCache, package_ve
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME
 
 if TYPE_CHECKING:
-    from animl_lightning.deploy.quantize import Int8Settings
+    from animl_lightning.deploy.int8_settings import Int8Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ class ProbabilityModel(nn.Module):
 
     def __init__(self, model: nn.Module, temperature: float) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        require(temperature > 0, "temperature", f"must be > 0, got {temperature}")
         self.model = model
         self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature, dtype=torch.float32))
 
@@ -258,7 +257,8 @@ def onnx_model(
     dynamic_size = bool(entry.record.get("dynamic_size", supports_dynamic_size(loaded)))
     if precision != "int8":
         return SerialisedModel(data, dynamic_size)
-    from animl_lightning.deploy.quantize import Int8Settings, build_int8
+    from animl_lightning.deploy.int8_settings import Int8Settings
+    from animl_lightning.deploy.quantize import build_int8
 
     _, int8_data, report = build_int8(loaded, int8 or Int8Settings(), lambda: data, onnx_identity(loaded), cache)
     return SerialisedModel(int8_data, dynamic_size, report)

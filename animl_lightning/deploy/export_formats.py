@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from animl_lightning.core.files import check_writable
+from animl_lightning.core.serving import PRECISIONS
 from animl_lightning.deploy.animl_bundle import export_animl
 from animl_lightning.deploy.export import (
     ExportError,
@@ -24,11 +25,13 @@ from animl_lightning.deploy.export import (
     write_model,
 )
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
+from animl_lightning.deploy.int8_settings import Int8Settings
 from animl_lightning.deploy.onnx_cache import OnnxCache
-from animl_lightning.deploy.quantize import Int8Settings
 
-# Each precision, and what makes it (for the error when a format cannot).
-PRECISIONS: dict[str, str] = {"fp32": "is the model as trained", "int8": "is made with ONNX Runtime"}
+# What each of core.serving.PRECISIONS is, for the error when a format cannot make it.
+PRECISION_NOTES: dict[str, str] = dict(
+    zip(PRECISIONS, ("is the model as trained", "is made with ONNX Runtime"), strict=True)
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class ExportFormat:
     Args:
         name: the ``format=`` value.
         output: ``file`` (a model file and ``<file>.json``) or ``folder``.
-        precisions: the ``precision=`` values it makes (keys of :data:`PRECISIONS`).
+        precisions: the ``precision=`` values it makes (of :data:`animl_lightning.core.serving.PRECISIONS`).
         extra: the pyproject extra that brings ``modules``; empty: none needed.
         modules: what it imports, checked before any work so a missing one is named with its install command.
         write: loads the checkpoint and writes the output.
@@ -137,7 +140,7 @@ def check_format(export_format: str, precision: str) -> ExportFormat:
         raise ExportError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
     if precision not in entry.precisions:
         others = " or ".join(f"format={other.name}" for other in FORMATS.values() if precision in other.precisions)
-        raise ExportError(f"precision={precision} {PRECISIONS[precision]}: use {others}, not {export_format}")
+        raise ExportError(f"precision={precision} {PRECISION_NOTES[precision]}: use {others}, not {export_format}")
     return entry
 
 

@@ -24,7 +24,7 @@ import torch
 from numpy.typing import NDArray
 
 from animl_lightning.core.crop_rule import Box, CropRule, CropSource, model_input, open_for_boxes
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, DataError, require
 from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.model_file import DeployableModel
 from animl_lightning.core.preprocessing import EvalTransform
@@ -99,8 +99,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as err:
         raise ConfigError(f"device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device!r} was asked for, but CUDA is not available here")
+    require(
+        resolved.type != "cuda" or torch.cuda.is_available(),
+        "device",
+        f"{device!r} was asked for, but CUDA is not available here",
+    )
     return resolved
 
 
@@ -148,7 +151,7 @@ class CropRequests:
 
     def __init__(self, paths: Sequence[str], boxes: NDArray[np.float64], normalized: NDArray[np.bool_]) -> None:
         if boxes.shape != (len(paths), 4) or normalized.shape != (len(paths),):
-            raise ConfigError(f"boxes must have shape ({len(paths)}, 4) and normalized ({len(paths)},)")
+            raise DataError(f"boxes must have shape ({len(paths)}, 4) and normalized ({len(paths)},)")
         self.paths = np.asarray(paths, dtype=np.str_)
         self.boxes = np.asarray(boxes, dtype=np.float64)
         self.normalized = np.asarray(normalized, dtype=np.bool_)
@@ -269,10 +272,8 @@ def classify_requests(
         batch_size: crops per forward pass.
         num_workers: threads decoding and cropping images (0 = in the model's thread, between batches).
     """
-    if batch_size < 1:
-        raise ConfigError(f"classify.batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ConfigError(f"classify.num_workers must be >= 0, got {num_workers}")
+    require(batch_size >= 1, "classify.batch_size", f"must be >= 1, got {batch_size}")
+    require(num_workers >= 0, "classify.num_workers", f"must be >= 0, got {num_workers}")
     dataset = DetectionCrops(requests, transform, crop_rule)
     starts = range(0, len(requests), batch_size)
     spans = [(start, min(start + batch_size, len(requests))) for start in starts]
@@ -310,8 +311,7 @@ def _predict_batch(
 
 def top_k(probabilities: NDArray[np.floating[Any]], k: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
     """Indices and values of the ``k`` largest probabilities of each row, largest first (ties: lower index first)."""
-    if k < 1:
-        raise ConfigError(f"classify.top_k must be >= 1, got {k}")
+    require(k >= 1, "classify.top_k", f"must be >= 1, got {k}")
     p = np.asarray(probabilities, dtype=np.float64)
     k = min(k, p.shape[1])
     order = np.argsort(-p, axis=1, kind="stable")[:, :k]

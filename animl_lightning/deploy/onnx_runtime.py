@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from animl_lightning.core.errors import ConfigError, InputFileError
+from animl_lightning.core.errors import InputFileError, ResourceError
 from animl_lightning.core.machine import usable_cores
 
 # The input of every model this project exports (ONNX and TorchScript), whoever runs it.
@@ -30,7 +30,7 @@ class OnnxClassifier:
         try:
             import onnxruntime
         except ImportError as err:
-            raise ConfigError(
+            raise ResourceError(
                 'ONNX Runtime is not installed: pip install "animl-lightning[export]" (or use backend=torch)'
             ) from err
         options = onnxruntime.SessionOptions()

@@ -32,19 +32,17 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from animl_lightning.core.contract import load_prepared_dataset
-from animl_lightning.core.errors import AnimlError, ConfigError, require
+from animl_lightning.core.errors import AnimlError, ConfigError
 from animl_lightning.core.preprocessing import EvalTransform
 from animl_lightning.deploy.inference import LoadedClassifier
+from animl_lightning.deploy.int8_settings import CALIBRATION_METHODS, Int8Settings
 from animl_lightning.deploy.onnx_cache import OnnxCache, package_versions, source_digest
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8")
 SPLIT = "val"
 QUANTIZATION = "onnxruntime quantize_static: QDQ, int8 per-channel weights, uint8 activations"
-# int8.calibration_method -> onnxruntime.quantization.CalibrationMethod member name.
-CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 # Crops per calibration batch (the MinMax calibrator keeps only each tensor's min and max of a batch; the histogram
 # calibrators get one crop per batch, see quantize).
 CALIBRATION_BATCH = 16
@@ -54,39 +52,6 @@ _SAMPLE_SEED = 0
 
 class QuantizationError(ConfigError):
     """The int8 model cannot be made or falls below the agreement floor; the message says which, in one line."""
-
-
-@dataclass(frozen=True)
-class Int8Settings:
-    """The ``int8.*`` settings of ``configs/export.yaml`` and ``configs/classify.yaml``.
-
-    Attributes:
-        min_agreement: the least top-1 agreement with float32 on val an int8 model may have.
-        calibration_crops: val crops (a fixed random sample) whose activation ranges set the quantization.
-        check_crops: val crops the agreement is measured on; None = every one.
-        data_dir: the prepared dataset; None = the checkpoint's ``data_dir``.
-        calibration_method: how activation ranges are set, one of :data:`CALIBRATION_METHODS`.
-    """
-
-    min_agreement: float = 0.99
-    calibration_crops: int = 256
-    check_crops: int | None = None
-    data_dir: str | None = None
-    calibration_method: str = "minmax"
-
-    def __post_init__(self) -> None:
-        require(0.0 <= self.min_agreement <= 1.0, "int8.min_agreement", f"must be in [0, 1], got {self.min_agreement}")
-        require(self.calibration_crops >= 1, "int8.calibration_crops", f"must be >= 1, got {self.calibration_crops}")
-        require(
-            self.check_crops is None or self.check_crops >= 1,
-            "int8.check_crops",
-            f"must be >= 1 or null (every val crop), got {self.check_crops}",
-        )
-        require(
-            self.calibration_method in CALIBRATION_METHODS,
-            "int8.calibration_method",
-            f"must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}",
-        )
 
 
 @dataclass(frozen=True)

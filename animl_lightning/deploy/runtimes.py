@@ -24,9 +24,9 @@ from numpy.typing import NDArray
 
 from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.deploy.inference import LoadedClassifier, Predictor
+from animl_lightning.deploy.int8_settings import Int8Settings
 from animl_lightning.deploy.onnx_cache import OnnxCache, resolve_cache_dir
 from animl_lightning.deploy.onnx_runtime import INPUT_NAME, OnnxClassifier
-from animl_lightning.deploy.quantize import Int8Settings
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _usable(runtime: Runtime, loaded: LoadedClassifier, what: str, other: str | 
         devices = " or ".join(device.upper() for device in runtime.devices)
         instead = f" or backend={other}" if other is not None and other != runtime.name else ""
         raise ConfigError(
-            f"{what} runs on the {devices}; use device={runtime.devices[0]}{instead} (not {loaded.device})"
+            f"{what}: runs on {devices} only; use device={runtime.devices[0]}{instead} (not {loaded.device})"
         )
     if not runtime.available():
         raise ConfigError(f"{what}: {runtime.title} is not installed (pip install -e '.[{runtime.extra}]')")

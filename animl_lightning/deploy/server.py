@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from animl_lightning.core.serving import (
+    PRECISIONS,
     BundleError,
     RequestError,
     ServingBundle,
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 BUNDLE_VARIABLE = "ANIML_BUNDLE"
 # The environment variable choosing the model when create_app is not told: fp32 (model.onnx) or int8.
 PRECISION_VARIABLE = "ANIML_PRECISION"
-PRECISIONS = ("fp32", "int8")
 
 
 def model_file(bundle: ServingBundle, precision: str) -> Path:

@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.sequences import sequence_keys, wall_clock_seconds
 from animl_lightning.core.smoothing import SMOOTHING_LEVELS, SmoothingOptions, smooth_group
 
@@ -137,13 +137,14 @@ def smooth_results(
     Raises:
         ConfigError: ``level`` unknown, or ``sequence`` without sequences.
     """
-    if level not in SMOOTHING_LEVELS:
-        raise ConfigError(f"classify.smoothing: must be one of {list(SMOOTHING_LEVELS)}, got {level!r}")
+    require(level in SMOOTHING_LEVELS, "classify.smoothing", f"must be one of {list(SMOOTHING_LEVELS)}, got {level!r}")
     summary = SmoothingSummary(level=level)
     if level == "none":
         return summary
     if level == "sequence" and sequences is None:
-        raise ConfigError("classify.smoothing=sequence needs sequence information")
+        raise ConfigError(
+            "classify.smoothing: sequence needs sequence information (a seq_id, or images with a date and time)"
+        )
     other = frozenset(_ids(output.get("classification_categories") or {}, options.other_category_names))
     to_smooth = _ids(output.get("detection_categories") or {}, options.detection_category_names_to_smooth)
 
@@ -205,6 +206,5 @@ def _smooth(
 
 def options_from_config(level: str, values: Mapping[str, Any] | None) -> SmoothingOptions:
     """Validated options for ``classify.smoothing=level`` from the ``smoothing`` config mapping."""
-    if level not in SMOOTHING_LEVELS:
-        raise ConfigError(f"classify.smoothing: must be one of {list(SMOOTHING_LEVELS)}, got {level!r}")
+    require(level in SMOOTHING_LEVELS, "classify.smoothing", f"must be one of {list(SMOOTHING_LEVELS)}, got {level!r}")
     return SmoothingOptions.from_mapping(dict(values or {}))

@@ -1,7 +1,8 @@
 """Typed settings for ``prepare.py``.
 
-These dataclasses are the schema of ``configs/prepare.yaml``: ``prepare.py`` registers them with Hydra's
-ConfigStore, so an unknown key or a value of the wrong type fails at composition time, and the value checks in
+These dataclasses define every key of ``prepare.py`` and its default, in this one place: ``prepare.py`` registers
+them with Hydra's ConfigStore as the schema ``configs/prepare.yaml`` extends (that file sets only what depends on other
+configs), so an unknown key or a value of the wrong type fails at composition time, and the value checks in
 ``__post_init__`` run when the composed config is turned into these objects. Nothing here imports Hydra: the same
 objects can be built by hand in a notebook.
 """
@@ -25,13 +26,20 @@ GROUP_UNITS = ("location", "sequence", "location_time")
 class S3Settings:
     """Where to download missing images from (``s3.*``)."""
 
+    # e.g. animl-images-serving-prod; null: images must already be in images_dir
     bucket: str | None = None
+    # prepended to each key
     prefix: str = ""
+    # image field holding the S3 key; falls back to file_name when missing
     key_field: str = "serving_bucket_key"
+    # S3-compatible endpoint (MinIO, moto, ...)
     endpoint_url: str | None = None
     region: str | None = None
+    # AWS profile; otherwise the standard credential chain
     profile: str | None = None
+    # concurrent downloads
     workers: int = 16
+    # tries per S3 request for transient errors (throttling, 5xx, resets, timeouts)
     max_attempts: int = 6
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -49,8 +57,11 @@ class S3Settings:
 class DetectionSettings:
     """How MegaDetector boxes are used for images without a ground-truth box (``detections.*``)."""
 
+    # keep detector boxes with conf >= threshold
     threshold: float = 0.8
+    # detection category name to keep
     category: str = "animal"
+    # true: old md_to_queried_images behaviour (drop images with several boxes)
     single_animal_only: bool = False
 
     def __post_init__(self) -> None:
@@ -60,12 +71,24 @@ class DetectionSettings:
 
 @dataclass
 class DetectorSettings:
-    """MegaDetector run by prepare itself on the images that need boxes (``detector.*``); null model: none is run."""
+    """MegaDetector run by prepare itself on the images that need boxes (``detector.*``); null model: none is run.
 
+    MegaDetector run by prepare (the detect stage) on every image that needs detector boxes: no ground-truth box, one
+    category other than empty, not listed in detections_file. Results: <output_dir>/megadetector_results.json (format
+    1.6), used like a detections_file; a rerun reuses them, a killed run resumes from its checkpoint. Needs the detect
+    extra (README). The model file is unpickled with torch.load(weights_only=False): name only files you trust.
+    """
+
+    # a MegaDetector .pt file (e.g. md_v5a.0.0.pt); null: no detect stage. Names such as MDV5A are refused: prepare
+    # never downloads weights
     model_file: str | None = None
+    # MegaDetector writes boxes with conf >= this (detections.threshold picks the crops)
     threshold: float = 0.005
+    # images per forward pass; MegaDetector uses 1 without a GPU
     batch_size: int = 1
+    # auto (CUDA when present) | cpu | cuda | cuda:N | mps
     device: str = "auto"
+    # images between checkpoints of a run (the work a kill can lose)
     checkpoint_every: int = 1000
 
     def __post_init__(self) -> None:
@@ -89,10 +112,18 @@ class DetectorSettings:
 class CropSettings:
     """How boxes become crop files (``crops.*``)."""
 
+    # square | pad | exact
     strategy: str = "square"
+    # cap on the saved side in pixels; null keeps full resolution
     max_size: int | None = None
+    # crop processes; null: every usable core
     workers: int | None = None
+    # JPEG quality of crops that are encoded (capped, or not cut losslessly)
     quality: int = 90
+    # true: cut baseline JPEGs' crops out of the compressed data (libturbojpeg; no second JPEG generation), each grown
+    # left/up by < 1 MCU (8-16 px) onto the photo's grid; other files and padded crops are decoded and encoded again
+    # (counted in prepare_report.json). false (default): decode and encode every crop, the strategy's exact square. Off
+    # by default: on real trail-camera photos the cut cost more than decoding (docs/benchmarks.md).
     lossless: bool = False
 
     @property
@@ -119,12 +150,18 @@ class CropSettings:
 class LabelSettings:
     """How CCT categories become output labels (``labels.*``)."""
 
+    # old-format label_spec.json (dataset_labels, exclude, max_count, prioritize)
     spec_file: str | None = None
-    # Empty means "not set": OmegaConf cannot merge a command-line dict into an Optional[Dict] that is None.
+    # Empty means "not set": OmegaConf cannot merge a command-line dict into an Optional[Dict] that is None. inline {CCT
+    # category name: output label}; unnamed categories are dropped
     map: dict[str, str] = field(default_factory=dict)
+    # categories never used as labels (default mapping only)
     exclude: list[str] = field(default_factory=lambda: ["empty"])
+    # seed of max_count sampling
     seed: int = 123
+    # false: labels that differ only in case or spaces are one label (reported)
     case_sensitive: bool = False
+    # CSV: label, class, order, family, genus, species (checked against the labels)
     taxonomy_file: str | None = None
 
     def __post_init__(self) -> None:
@@ -139,17 +176,28 @@ class LabelSettings:
 class SplitSettings:
     """How (dataset, location) pairs are assigned to train/val/test (``split.*``)."""
 
+    # random | smallest_first
     method: str = "random"
+    # share of the crops in val (overall and per label)
     val_frac: float = 0.2
+    # share of the crops in test; 0: no test split
     test_frac: float = 0.2
     seed: int = 0
+    # random partitions scored by method=random
     trials: int = 10000
+    # +/- jitter of the split fractions between trials
     jitter: float = 0.03
+    # drop labels seen at fewer (dataset, location) pairs; null: keep all
     min_locs: int | None = 3
+    # an earlier splits.json whose test groups stay in test
     reuse: str | None = None
+    # an overall share further than this from its target is a warning
     tolerance: float = 0.05
+    # true: such a split is an error instead
     strict: bool = False
+    # location | sequence | location_time (the last two let backgrounds leak)
     group_by: str = "location"
+    # group_by=location_time: length of a block, e.g. 30d
     time_block: str | None = None
 
     @property
@@ -211,6 +259,7 @@ def parse_duration_seconds(text: str, key: str) -> float:
 class SequenceSettings:
     """How images are grouped into sequences (bursts) when the CCT has no ``seq_id`` (``sequences.*``)."""
 
+    # without a CCT seq_id, images at one location at most this far apart are a burst
     max_gap_s: float = 3.0
 
     def __post_init__(self) -> None:
@@ -235,9 +284,19 @@ class DemoSettings:
 
 @dataclass
 class FolderSettings:
-    """Images sorted into one folder per label, read instead of a CCT export (``folders.*``)."""
+    """Images sorted into one folder per label, read instead of a CCT export (``folders.*``).
 
+    Instead of coco_file: images sorted into one folder per label (Species/photo.jpg, Station/Species/photo.jpg).
+    prepare derives a CCT file from the tree (<output_dir>/folders_cct.json: one whole-image box per image, or none with
+    detections_file or detector.model_file, whose boxes are then used; datetime from EXIF DateTimeOriginal) and runs
+    every stage on it as on an Animl export with images_dir=folders.root. Unusable files and empty folders are listed in
+    the report.
+    """
+
+    # the tree; an image's label is the name of the folder it is in
     root: str | None = None
+    # folder level naming the camera (0: first level under root); null: no locations, so split.group_by=location becomes
+    # sequence (with a warning saying why)
     location_level: int | None = None
 
     def __post_init__(self) -> None:
@@ -264,12 +323,20 @@ class PathSettings:
 
 @dataclass
 class PrepareSettings:
-    """All of ``prepare.py``'s settings; see ``configs/prepare.yaml`` for documentation of each key."""
+    """All of ``prepare.py``'s settings (the README's prepare.py table says what each key does)."""
 
+    # Folder that receives crops/, classification_ds.csv, label_index.json, splits.json, split_report.csv,
+    # prepare_report.json and prepare_info.json. Default: paths.data_dir, which is also train.py's data_dir.
     output_dir: str = "data/demo"
+    # CCT (COCO Camera Traps) JSON exported from Animl. null: generate the demo project into output_dir/demo_source.
     coco_file: str | None = None
+    # Folder holding the full-size images at <images_dir>/<file_name>; with s3.bucket set, missing images are downloaded
+    # here first.
     images_dir: str | None = None
+    # Dataset name used in classification_ds.csv and splits.json. null: the stem of coco_file (with folders.root: the
+    # root folder's name).
     dataset: str | None = None
+    # Optional MegaDetector results file (format 1.x) giving boxes for images that have no ground-truth box.
     detections_file: str | None = None
     s3: S3Settings = field(default_factory=S3Settings)
     detections: DetectionSettings = field(default_factory=DetectionSettings)
@@ -281,6 +348,7 @@ class PrepareSettings:
     demo: DemoSettings = field(default_factory=DemoSettings)
     folders: FolderSettings = field(default_factory=FolderSettings)
     paths: PathSettings = field(default_factory=PathSettings)
+    # Ignore what earlier runs finished and redo every stage.
     force: bool = False
 
     def __post_init__(self) -> None:

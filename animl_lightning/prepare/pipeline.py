@@ -96,12 +96,15 @@ class PrepareSummary:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_prepare(settings: PrepareSettings, stages: Sequence[Stage] = STAGES) -> PrepareSummary:
+def run_prepare(
+    settings: PrepareSettings, stages: Sequence[Stage] = STAGES, command: str = "prepare.py"
+) -> PrepareSummary:
     """Run each of ``stages`` that ``settings`` want, in order; see the module docstring for resume semantics.
 
-    Holds the output folder's lock for the whole run: a second ``prepare.py`` on the same folder is refused.
+    Holds the output folder's lock for the whole run: a second ``prepare.py`` on the same folder is refused, its
+    error naming the ``command`` the first one was started as (``prepare.py``, ``animl-prepare``).
     """
-    with run_lock(settings.output_dir, "prepare.py") as output_dir, run_log(output_dir):
+    with run_lock(settings.output_dir, command) as output_dir, run_log(output_dir):
         return _run_prepare(settings, output_dir, stages)
 
 

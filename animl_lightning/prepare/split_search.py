@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from animl_lightning.core.contract import LocationKey
-from animl_lightning.core.errors import ConfigError, DataError
+from animl_lightning.core.errors import DataError, require
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,7 @@ def split_random(
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 2:
         raise DataError(f"counts must be a (groups, labels) matrix, got shape {counts.shape}")
-    if trials < 1:
-        raise ConfigError(f"split.trials must be >= 1, got {trials}")
+    require(trials >= 1, "split.trials", f"must be >= 1, got {trials}")
     if fixed is not None:
         fixed = np.asarray(fixed, dtype=bool)
         assignment = np.full(len(counts), TEST, dtype=np.int8)

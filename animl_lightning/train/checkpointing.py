@@ -43,7 +43,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import require
 from animl_lightning.core.files import atomic_write, atomic_write_bytes
 from animl_lightning.core.model_file import CALIBRATION_KEY as CALIBRATION_KEY
 from animl_lightning.core.model_file import LEGACY_REQUIRED_HPARAMS, DeployableModel, load_checkpoint_dict
@@ -251,10 +251,12 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last", every_n_epochs: int = 1) -> None:
-        if not filename or "/" in filename or filename.endswith(".ckpt"):
-            raise ConfigError(f"filename must be a plain name without '/' or '.ckpt', got {filename!r}")
-        if every_n_epochs < 1:
-            raise ConfigError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        require(
+            bool(filename) and "/" not in filename and not filename.endswith(".ckpt"),
+            "filename",
+            f"must be a plain name without '/' or '.ckpt', got {filename!r}",
+        )
+        require(every_n_epochs >= 1, "every_n_epochs", f"must be >= 1, got {every_n_epochs}")
         super().__init__(
             dirpath=dirpath,
             filename=filename,

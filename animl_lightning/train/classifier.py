@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.core.errors import AnimlError, ConfigError
+from animl_lightning.core.errors import AnimlError, ConfigError, require
 from animl_lightning.core.label_index import LabelIndex
 from animl_lightning.core.model_file import (
     TTA_MODES,
@@ -154,18 +154,12 @@ class CropClassifier(LightningModule):
             rule = crop_rule if isinstance(crop_rule, CropRule) else CropRule.from_dict(crop_rule, "crop_rule")
         # The hyper-parameter is the rule's dict: a CropRule object would make the checkpoint need pickle to load.
         crop_rule = rule.to_dict()
-        if not model_name:
-            raise ConfigError("model.model_name must name a timm model")
-        if len(class_names) < 2:
-            raise ConfigError(f"class_names needs at least 2 labels, got {class_names}")
-        if len(set(class_names)) != len(class_names):
-            raise ConfigError(f"class_names has duplicates: {class_names}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ConfigError(f"model.drop_rate must be in [0, 1), got {drop_rate}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        if finetune_epochs < 0:
-            raise ConfigError(f"model.finetune_epochs must be >= 0, got {finetune_epochs}")
+        require(bool(model_name), "model.model_name", "must name a timm model")
+        require(len(class_names) >= 2, "class_names", f"needs at least 2 labels, got {class_names}")
+        require(len(set(class_names)) == len(class_names), "class_names", f"has duplicates: {class_names}")
+        require(0.0 <= drop_rate < 1.0, "model.drop_rate", f"must be in [0, 1), got {drop_rate}")
+        require(0.0 <= label_smoothing < 1.0, "model.label_smoothing", f"must be in [0, 1), got {label_smoothing}")
+        require(finetune_epochs >= 0, "model.finetune_epochs", f"must be >= 0, got {finetune_epochs}")
         check_recipe_settings(
             drop_path_rate=drop_path_rate,
             mixup_alpha=mixup_alpha,
@@ -247,7 +241,7 @@ class CropClassifier(LightningModule):
         if built is not None and built[1] and (height, width) != built[0]:
             # Caught here, before fitting, rather than as timm's assertion in the first forward pass.
             raise ConfigError(
-                f"input size {height}x{width} px: {self.hparams['model_name']} takes only "
+                f"data.image_size: {height}x{width} px, but {self.hparams['model_name']} takes only "
                 f"{built[0][0]}x{built[0][1]} px (its position embeddings are sized for it); set "
                 f"model.model_kwargs.img_size={height} together with data.image_size, or leave data.image_size null"
             )
@@ -298,8 +292,7 @@ class CropClassifier(LightningModule):
 
     @tta.setter
     def tta(self, mode: str) -> None:
-        if mode not in TTA_MODES:
-            raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {mode!r}")
+        require(mode in TTA_MODES, "eval.tta", f"must be one of {list(TTA_MODES)}, got {mode!r}")
         self.hparams["tta"] = mode
 
     def inference_network(self) -> nn.Module:
@@ -337,7 +330,7 @@ class CropClassifier(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         counts = getattr(datamodule, "train_label_counts", None)
         if counts is None:
-            raise ConfigError("model.logit_adjustment needs the label counts of a CropDataModule's train split")
+            raise ConfigError("model.logit_adjustment: needs the label counts of a CropDataModule's train split")
         result: np.ndarray = counts()
         return result
 
@@ -405,8 +398,9 @@ class CropClassifier(LightningModule):
 
     @override
     def on_test_epoch_start(self) -> None:
-        if self.test_split not in SPLIT_NAMES:
-            raise ConfigError(f"test_split must be one of {list(SPLIT_NAMES)}, got {self.test_split!r}")
+        require(
+            self.test_split in SPLIT_NAMES, "test_split", f"must be one of {list(SPLIT_NAMES)}, got {self.test_split!r}"
+        )
         self._split_metrics(self.test_split).reset()
 
     @override
@@ -470,7 +464,7 @@ class CropClassifier(LightningModule):
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
         if self.optimizer_factory is None:
-            raise ConfigError("CropClassifier needs an optimizer to train (configs/optimizer/*.yaml)")
+            raise ConfigError("optimizer: must be set to train (a config of configs/optimizer/)")
         scale = float(self.hparams.get("backbone_lr_scale", 1.0))
         if scale == 1.0:
             optimizer = self.optimizer_factory(self.parameters())

@@ -24,7 +24,7 @@ from torchvision import transforms
 from typing_extensions import override
 
 from animl_lightning.core.contract import SPLIT_NAMES, PreparedDataset, crop_groups, load_prepared_dataset
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, DataError, require
 from animl_lightning.core.machine import usable_cores
 from animl_lightning.core.preprocessing import EvalTransform
 from animl_lightning.train.sampling import (
@@ -62,7 +62,7 @@ class CropDataset(Dataset[CropItem]):
         """
         labels = np.asarray(labels, dtype=np.int64)
         if labels.shape != (len(paths),):
-            raise ConfigError(f"got {len(paths)} paths but labels of shape {labels.shape}")
+            raise DataError(f"got {len(paths)} paths but labels of shape {labels.shape}")
         encoded = [str(p).encode("utf-8") for p in paths]
         lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
@@ -112,7 +112,7 @@ def resolve_input_size(data_config: Mapping[str, Any], image_size: int | None) -
     """
     missing = [k for k in ("input_size", "interpolation", "mean", "std", "crop_pct") if k not in data_config]
     if missing:
-        raise ConfigError(f"data config lacks keys {missing}; got {sorted(data_config)}")
+        raise DataError(f"data config lacks keys {missing}; got {sorted(data_config)}")
     channels, height, width = (int(v) for v in data_config["input_size"])
     if image_size is not None:
         height = width = int(image_size)
@@ -271,23 +271,19 @@ class CropDataModule(LightningDataModule):
                 (torchvision's TrivialAugmentWide); None = off.
         """
         super().__init__()
-        if not data_dir:
-            raise ConfigError("data.data_dir must be set to a prepare.py output folder")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
-        if eval_batch_size is not None and eval_batch_size < 1:
-            raise ConfigError(f"data.eval_batch_size must be null or >= 1, got {eval_batch_size}")
-        if num_workers is not None and num_workers < 0:
-            raise ConfigError(f"data.num_workers must be null or >= 0, got {num_workers}")
-        if image_size is not None and image_size < 8:
-            raise ConfigError(f"data.image_size must be null or >= 8, got {image_size}")
-        if not 0.0 < crop_scale_min <= 1.0:
-            raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {crop_scale_min}")
+        require(bool(data_dir), "data.data_dir", "must be set to a prepare.py output folder")
+        require(batch_size >= 1, "data.batch_size", f"must be >= 1, got {batch_size}")
+        require(
+            eval_batch_size is None or eval_batch_size >= 1,
+            "data.eval_batch_size",
+            f"must be null or >= 1, got {eval_batch_size}",
+        )
+        require(num_workers is None or num_workers >= 0, "data.num_workers", f"must be null or >= 0, got {num_workers}")
+        require(image_size is None or image_size >= 8, "data.image_size", f"must be null or >= 8, got {image_size}")
+        require(0.0 < crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {crop_scale_min}")
         for key, prob in (("hflip_prob", hflip_prob), ("vflip_prob", vflip_prob), ("grayscale_prob", grayscale_prob)):
-            if not 0.0 <= prob <= 1.0:
-                raise ConfigError(f"data.{key} must be in [0, 1], got {prob}")
-        if not 0.0 <= color_jitter < 1.0:
-            raise ConfigError(f"data.color_jitter must be in [0, 1), got {color_jitter}")
+            require(0.0 <= prob <= 1.0, f"data.{key}", f"must be in [0, 1], got {prob}")
+        require(0.0 <= color_jitter < 1.0, "data.color_jitter", f"must be in [0, 1), got {color_jitter}")
         auto_augment = None if auto_augment in (None, "", "none") else str(auto_augment)
         check_auto_augment(auto_augment)
         self.auto_augment = auto_augment
@@ -369,7 +365,7 @@ class CropDataModule(LightningDataModule):
         _check_split(split)
         if augment:
             if split != "train":
-                raise ConfigError("only the train split is augmented")
+                raise DataError("only the train split is augmented")
             if "train" not in self._datasets:
                 self._datasets["train"] = self._build("train", self.train_transform())
             return self._datasets["train"]
@@ -488,4 +484,4 @@ def _world_size() -> int:
 
 def _check_split(split: str) -> None:
     if split not in SPLIT_NAMES:
-        raise ConfigError(f"unknown split {split!r}; expected one of {list(SPLIT_NAMES)}")
+        raise DataError(f"unknown split {split!r}; expected one of {list(SPLIT_NAMES)}")

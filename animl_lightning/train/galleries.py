@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image, ImageDraw, ImageFont
 from typing_extensions import override
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, DataError, require
 from animl_lightning.core.files import UnsafePathError, atomic_write_bytes, safe_join
 from animl_lightning.train.tables import MetricTables
 
@@ -56,17 +56,16 @@ def select_errors(predictions: pd.DataFrame, labels: list[str], k: int = 8) -> p
         ``confidence`` (probability of the predicted label) and ``p_label`` (probability of the gallery's label).
         False positives of ``L`` are ranked by p(L), false negatives by the probability of the wrong prediction.
     """
-    if k < 1:
-        raise ConfigError(f"galleries top_k must be >= 1, got {k}")
+    require(k >= 1, "callbacks.error_galleries.top_k", f"must be >= 1, got {k}")
     missing = [c for c in ("path", "label", *labels) if c not in predictions.columns]
     if missing:
-        raise ConfigError(f"predictions table lacks columns {missing}")
+        raise DataError(f"predictions table lacks columns {missing}")
     probs = predictions[list(labels)].to_numpy(dtype=np.float64)
     index = {name: i for i, name in enumerate(labels)}
     true_names = predictions["label"].astype(str).to_numpy()
     unknown = sorted(set(true_names) - set(index))
     if unknown:
-        raise ConfigError(f"predictions table has true labels not in the label list: {unknown[:5]}")
+        raise DataError(f"predictions table has true labels not in the label list: {unknown[:5]}")
     true = np.array([index[name] for name in true_names], dtype=np.int64)
     predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
     confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
@@ -128,8 +127,9 @@ def render_gallery(
     sections: list[tuple[str, list[Tile]]], title: str, tile_size: int = 160, columns: int = 8
 ) -> Image.Image:
     """Draw titled sections of captioned tiles as one RGB image (an empty section says "none")."""
-    if tile_size < 16 or columns < 1:
-        raise ConfigError(f"tile_size must be >= 16 and columns >= 1, got {tile_size}, {columns}")
+    require(
+        tile_size >= 16 and columns >= 1, "tile_size", f"must be >= 16 and columns >= 1, got {tile_size}, {columns}"
+    )
     font_size = caption_font_size(tile_size)
     font, title_font = _font(font_size), _font(font_size + 4)
     line = font_size + 3
@@ -269,10 +269,8 @@ class ErrorGalleries(Callback):
 
     def __init__(self, dirpath: str, top_k: int = 8, tile_size: int = 160, log_to_wandb: bool = True) -> None:
         super().__init__()
-        if not dirpath:
-            raise ConfigError("callbacks.error_galleries.dirpath must be set")
-        if top_k < 1:
-            raise ConfigError(f"callbacks.error_galleries.top_k must be >= 1, got {top_k}")
+        require(bool(dirpath), "callbacks.error_galleries.dirpath", "must be set")
+        require(top_k >= 1, "callbacks.error_galleries.top_k", f"must be >= 1, got {top_k}")
         self.dirpath = Path(dirpath)
         self.top_k = top_k
         self.tile_size = tile_size
@@ -285,7 +283,9 @@ class ErrorGalleries(Callback):
         split = str(getattr(pl_module, "test_split", "test"))
         tables = next((c for c in trainer.callbacks if isinstance(c, MetricTables)), None)  # type: ignore[attr-defined]
         if tables is None:
-            raise ConfigError("callbacks.error_galleries needs callbacks.metric_tables (it draws from its predictions)")
+            raise ConfigError(
+                "callbacks.error_galleries: needs callbacks.metric_tables (it draws from its predictions)"
+            )
         evaluation = tables.evaluations.get(split)
         datamodule = getattr(trainer, "datamodule", None)
         prepared = getattr(datamodule, "prepared", None)

@@ -19,7 +19,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import require
 from animl_lightning.core.files import atomic_write
 
 HISTORY_FILENAME = "history.csv"
@@ -37,8 +37,7 @@ class EpochHistory(Callback):
 
     def __init__(self, dirpath: str) -> None:
         super().__init__()
-        if not dirpath:
-            raise ConfigError("callbacks.epoch_history.dirpath must be set")
+        require(bool(dirpath), "callbacks.epoch_history.dirpath", "must be set")
         self._path = Path(dirpath) / HISTORY_FILENAME
         self._rows: list[dict[str, float]] = []
         self._lr: dict[str, float] = {"lr": math.nan}

@@ -106,7 +106,7 @@ class ReviewError(InputFileError):
 
 @dataclass(frozen=True)
 class ReviewSettings:
-    """``configs/review.yaml``'s ``review`` block.
+    """The ``review.*`` keys of the review command and their defaults (the schema of ``configs/review.yaml``).
 
     Attributes:
         method: cleanlab's label-quality score that orders ``label_issues.csv`` (see the README for the choice).

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.model_file import TTA_MODES
 
 
@@ -43,9 +43,7 @@ def check_recipe_settings(
         if value < low or above:
             bound = "]" if high_inclusive else ")"
             raise ConfigError(
-                f"model.{key} must be in [{low}, {high if high is not None else 'inf'}{bound}, got {value}"
+                f"model.{key}: must be in [{low}, {high if high is not None else 'inf'}{bound}, got {value}"
             )
-    if not backbone_lr_scale > 0:
-        raise ConfigError(f"model.backbone_lr_scale must be > 0, got {backbone_lr_scale}")
-    if tta not in TTA_MODES:
-        raise ConfigError(f"eval.tta must be one of {list(TTA_MODES)}, got {tta!r}")
+    require(backbone_lr_scale > 0, "model.backbone_lr_scale", f"must be > 0, got {backbone_lr_scale}")
+    require(tta in TTA_MODES, "eval.tta", f"must be one of {list(TTA_MODES)}, got {tta!r}")

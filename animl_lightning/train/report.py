@@ -41,7 +41,7 @@ import pandas as pd
 import yaml
 
 from animl_lightning.core.contract import SPLIT_NAMES, crop_groups, load_prepared_dataset
-from animl_lightning.core.errors import AnimlError, ConfigError, InputFileError
+from animl_lightning.core.errors import AnimlError, InputFileError, require
 from animl_lightning.core.files import atomic_write_text
 from animl_lightning.core.taxonomy import RANKS
 from animl_lightning.train.checkpointing import read_checkpoint
@@ -97,26 +97,32 @@ class ReportError(InputFileError):
 
 @dataclass(frozen=True)
 class ReportSettings:
-    """``configs/report.yaml``: how much of a large run goes on the page."""
+    """The ``report.*`` keys of ``train.py`` and of the report command: whether a run writes ``report.html``, and how
+    much of a large run goes on the page."""
 
+    # false: train.py writes no report.html (the report command builds one anyway)
+    enabled: bool = True
+    # tables longer than this start folded (HTML <details>, no JavaScript)
     table_rows: int = 40
+    # above this many labels a confusion matrix is shown as its 30 largest confusions instead of an image
     confusion_max_labels: int = 40
+    # error galleries are embedded for this many labels (those with the most val errors)
     gallery_labels: int = 12
 
     def __post_init__(self) -> None:
         for name in ("table_rows", "confusion_max_labels", "gallery_labels"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"report.{name}: must be >= 0, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"report.{name}", f"must be >= 0, got {getattr(self, name)}")
 
 
 def report_settings(values: Any) -> ReportSettings | None:
     """From the ``report`` config block (None when ``enabled: false``); an unknown key is named."""
     raw = dict(values or {})
-    enabled = raw.pop("enabled", True)
-    unknown = sorted(set(raw) - set(ReportSettings.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"report: unknown key(s) {unknown}; known: {sorted(ReportSettings.__dataclass_fields__)}")
-    return ReportSettings(**{k: int(v) for k, v in raw.items()}) if enabled else None
+    known = sorted(ReportSettings.__dataclass_fields__)
+    unknown = sorted(set(raw) - set(known))
+    require(not unknown, "report", f"unknown key(s) {unknown}; known: {known}")
+    sizes = {key: int(value) for key, value in raw.items() if key != "enabled"}
+    settings = ReportSettings(enabled=bool(raw.get("enabled", True)), **sizes)
+    return settings if settings.enabled else None
 
 
 def run_report_settings(run_dir: str | Path) -> ReportSettings | None:

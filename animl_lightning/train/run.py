@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from animl_lightning.core.contract import SPLIT_NAMES
 from animl_lightning.core.crop_rule import CropRule
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import ConfigError, require
 from animl_lightning.core.files import remove_stale_temporaries
 from animl_lightning.core.model_file import THRESHOLDS_KEY, CheckpointError
 from animl_lightning.core.taxonomy import RANKS, TAXONOMY_KEY, Taxonomy
@@ -358,8 +358,7 @@ def monitored_value(monitor: str, results: Mapping[str, float], trainer: Trainer
 def check_monitor(monitor: str, model: CropClassifier) -> None:
     """Refuse a ``monitor`` that the classifier never logs, listing the ones it does."""
     available = model.logged_metric_names()
-    if monitor not in available:
-        raise ConfigError(f"monitor: {monitor!r} is not a logged metric; choose one of {sorted(available)}")
+    require(monitor in available, "monitor", f"{monitor!r} is not a logged metric; choose one of {sorted(available)}")
 
 
 def print_tables(per_label: pd.DataFrame, overall: pd.DataFrame, per_sequence: pd.DataFrame | None = None) -> None:

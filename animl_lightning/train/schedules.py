@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import require
 
 
 def warmup_cosine(
@@ -19,12 +19,17 @@ def warmup_cosine(
 
     A fresh head's large early gradients would otherwise reach the pretrained backbone at the full rate.
     """
-    if max_epochs < 1:
-        raise ConfigError(f"scheduler.max_epochs must be >= 1, got {max_epochs}")
-    if not 0 <= warmup_epochs < max_epochs:
-        raise ConfigError(f"scheduler.warmup_epochs must be in [0, max_epochs={max_epochs}), got {warmup_epochs}")
-    if not 0.0 < warmup_start_factor <= 1.0:
-        raise ConfigError(f"scheduler.warmup_start_factor must be in (0, 1], got {warmup_start_factor}")
+    require(max_epochs >= 1, "scheduler.max_epochs", f"must be >= 1, got {max_epochs}")
+    require(
+        0 <= warmup_epochs < max_epochs,
+        "scheduler.warmup_epochs",
+        f"must be in [0, max_epochs={max_epochs}), got {warmup_epochs}",
+    )
+    require(
+        0.0 < warmup_start_factor <= 1.0,
+        "scheduler.warmup_start_factor",
+        f"must be in (0, 1], got {warmup_start_factor}",
+    )
     if warmup_epochs == 0:
         return CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=eta_min)
     warmup = LinearLR(optimizer, start_factor=warmup_start_factor, total_iters=warmup_epochs)

@@ -36,7 +36,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
 from animl_lightning.core.contract import SPLIT_NAMES
-from animl_lightning.core.errors import ConfigError
+from animl_lightning.core.errors import require
 from animl_lightning.core.files import atomic_write, atomic_write_bytes, interrupts_deferred
 from animl_lightning.core.smoothing import SMOOTHING_LEVELS, SmoothingOptions
 from animl_lightning.train.calibration import expected_calibration_error, per_label_calibration_error
@@ -112,10 +112,12 @@ class MetricTables(Callback):
         smoothing: str = "none",
     ) -> None:
         super().__init__()
-        if not dirpath:
-            raise ConfigError("callbacks.metric_tables.dirpath must be set")
-        if smoothing not in SMOOTHING_LEVELS:
-            raise ConfigError(f"eval.smoothing: must be one of {list(SMOOTHING_LEVELS)}, got {smoothing!r}")
+        require(bool(dirpath), "callbacks.metric_tables.dirpath", "must be set")
+        require(
+            smoothing in SMOOTHING_LEVELS,
+            "eval.smoothing",
+            f"must be one of {list(SMOOTHING_LEVELS)}, got {smoothing!r}",
+        )
         self._smoothing = smoothing
         self._dirpath = Path(dirpath)
         self._predictions = predictions

@@ -78,11 +78,14 @@ class ThresholdSettings:
     def from_mapping(cls, values: Any) -> ThresholdSettings:
         """From the ``thresholds`` config block; an unknown key is named."""
         values = dict(values or {})
-        unknown = sorted(set(values) - {"target_precision", "min_support"})
-        if unknown:
-            raise ConfigError(f"thresholds: unknown key(s) {unknown}; known: ['min_support', 'target_precision']")
-        target = values.get("target_precision", 0.95)
-        return cls(None if target is None else float(target), int(values.get("min_support", 10)))
+        known = sorted(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - set(known))
+        require(not unknown, "thresholds", f"unknown key(s) {unknown}; known: {known}")
+        if values.get("target_precision") is not None:
+            values["target_precision"] = float(values["target_precision"])
+        if "min_support" in values:
+            values["min_support"] = int(values["min_support"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ def choose_thresholds(
 ) -> dict[str, Choice]:
     """Every label's threshold, from val probabilities and labels only (module docstring)."""
     if settings.target_precision is None:
-        raise ConfigError("thresholds.target_precision is null: thresholds are off")
+        raise ConfigError("thresholds.target_precision: is null, so thresholds are off")
     probs = np.asarray(probs, dtype=np.float64)
     target = np.asarray(target, dtype=np.int64)
     predicted = probs.argmax(axis=1) if len(target) else np.zeros(0, dtype=np.int64)

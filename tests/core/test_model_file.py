@@ -96,8 +96,11 @@ def test_the_network_has_the_tta_built_in(checkpoint: Path) -> None:
             lambda raw: raw[MODEL_KEY]["crop_rule"].update(strategy="circle"),
             r"animl_model\.crop_rule'.*crops\.strategy",
         ),
-        (lambda raw: raw[MODEL_KEY].update(tta="vflip"), "tta must be one of"),
-        (lambda raw: raw[MODEL_KEY].update(preprocessing={"input_size": [3, 64, 64]}), "preprocessing config"),
+        (lambda raw: raw[MODEL_KEY].update(tta="vflip"), "tta: must be one of"),
+        (
+            lambda raw: raw[MODEL_KEY].update(preprocessing={"input_size": [3, 64, 64]}),
+            "preprocessing: .* is incomplete",
+        ),
         (lambda raw: raw.update(calibration={"temperature": 0.0}), r"calibration\.temperature must be > 0"),
         (lambda raw: raw.pop("state_dict"), "field 'state_dict' is missing"),
     ],

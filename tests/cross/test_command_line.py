@@ -75,7 +75,11 @@ def one_error_line(stderr: str, command: str) -> str:
         ),
         ("export", ["checkpoint=C", "output=O", "+formt=onnx"], "formt: unknown key; did you mean format?"),
         ("serve", ["bundle=B", "+prot=8081"], "prot: unknown key; did you mean port?"),
-        ("report", ["run_dir=R", "+table_row=3"], "table_row: unknown key; did you mean table_rows?"),
+        (
+            "report",
+            ["run_dir=R", "+report.table_row=3"],
+            "report.table_row: unknown key; did you mean report.table_rows?",
+        ),
     ],
 )
 def test_a_key_the_settings_do_not_know_is_refused_naming_the_nearest(
@@ -160,6 +164,11 @@ def test_a_refused_second_train_leaves_the_running_runs_config_alone(
     assert status == 2
     assert "in use by another train.py" in one_error_line(stderr, "train.py")
     assert {path.name: path.read_bytes() for path in hydra_dir.iterdir()} == before
+    # Started as the console command, the refusal names that command.
+    with filelock.FileLock(run / LOCK_FILENAME, timeout=0):
+        status = run_in_process(importlib.import_module("train").main, ["animl-train", *second], monkeypatch)
+    assert status == 2
+    assert "in use by another animl-train" in one_error_line(capsys.readouterr().err, "animl-train")
 
 
 # --- tracebacks where the README promises one line --------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.fixtures.hydra import compose_config
-from tests.fixtures.readme import README, REPO, anchors, first_column_names, links, section
+from tests.fixtures.readme import README, REPO, anchors, documented_defaults, first_column_names, links, section
 
 DOCS = sorted((REPO / "docs").glob("*.md"))
 
@@ -57,6 +57,46 @@ def test_every_documented_prepare_key_exists() -> None:
         assert OmegaConf.select(config, key, default="MISSING") != "MISSING", f"README documents unknown key {key}"
 
 
+@pytest.mark.parametrize(
+    ("heading", "config_name", "prefix", "described"),
+    [
+        # Described in words, not as a value: each one's actual default is null.
+        ("prepare.py", "prepare", "", {"dataset": "CCT file stem", "crops.workers": "all cores"}),
+        (
+            "train.py",
+            "train",
+            "",
+            # debug is a config group (no debug config by default), not a key.
+            {
+                "model.pretrained": "true (tiny: false)",
+                "eval.tta": "set by the recipe",
+                "callbacks.<name>": None,
+                "debug": None,
+            },
+        ),
+        ("Label review", "review", "review.", {}),
+    ],
+)
+def test_the_readme_gives_the_defaults_the_settings_define(
+    heading: str, config_name: str, prefix: str, described: dict[str, str | None]
+) -> None:
+    """Each default is defined once (a settings class, or the YAML file for what has none); the README's tables must
+    say the same value."""
+    import yaml
+
+    import prepare  # noqa: F401  (registers the settings schema the config extends)
+
+    config = compose_config(config_name, set_hydra=False)
+    documented = documented_defaults(section(heading))
+    assert len(documented) > 8
+    for key, written in documented.items():
+        if key in described:
+            continue
+        actual = OmegaConf.select(config, prefix + key, default="MISSING")
+        value = yaml.safe_load(written.strip("`"))
+        assert actual == value, f"README says {prefix}{key} defaults to {written}, the settings say {actual!r}"
+
+
 def test_the_readme_is_for_starting_and_looking_up() -> None:
     text = README.read_text(encoding="utf-8")
     # The score formula, the test-by-test reliability list and the old bugs live in docs/.
@@ -74,3 +114,31 @@ def test_gitignore_ignores_no_tracked_file() -> None:
         check=True,
     ).stdout.split()
     assert tracked_but_ignored == []
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="not a git checkout")
+def test_every_repository_path_named_in_code_configs_and_docs_exists() -> None:
+    """No stale references: a file or folder of this repository named anywhere in its text exists."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    named = re.compile(r"(?<![\w/.-])((?:animl_lightning|configs|tests|benchmarks|docs|\.ci)/[\w./-]*\w)(?![\w<*])")
+    # Not of this checkout: files a user creates (configs/local/), the installed wheel's layout (the package's own
+    # configs/), and result stems written as NAME.* in the benchmark page.
+    elsewhere = ("configs/local/", "animl_lightning/configs")
+    stale = []
+    for name in tracked:
+        path = REPO / name
+        if (path.suffix not in {".py", ".yaml", ".md", ".toml"} and name != ".ci/run") or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for match in named.finditer(text):
+            ref = match.group(1)
+            if ref.startswith(elsewhere) or text[match.end() : match.end() + 2] == ".*":
+                continue
+            # NAME.{json,md}: each of the files
+            suffixes = re.match(r"\.\{([\w,]+)\}", text[match.end() :])
+            refs = [f"{ref}.{suffix}" for suffix in suffixes.group(1).split(",")] if suffixes else [ref, f"{ref}.py"]
+            if not any((REPO / one).exists() for one in refs) or (
+                suffixes and not all((REPO / one).exists() for one in refs)
+            ):
+                stale.append(f"{name}: {ref}")
+    assert stale == []

@@ -19,9 +19,10 @@ from animl_lightning.deploy.classify import ClassifySettings, classify_detection
 from animl_lightning.deploy.classify_inputs import read_detections_file
 from animl_lightning.deploy.export import onnx_identity, sidecar_path
 from animl_lightning.deploy.inference import LoadedClassifier, load_classifier
+from animl_lightning.deploy.int8_settings import Int8Settings
 from animl_lightning.deploy.onnx_cache import OnnxCache, identity_key
 from animl_lightning.deploy.onnx_runtime import OnnxClassifier
-from animl_lightning.deploy.quantize import Int8Settings, QuantizationError, build_int8, crop_batches, val_crops
+from animl_lightning.deploy.quantize import QuantizationError, build_int8, crop_batches, val_crops
 from tests.fixtures.models import write_megadetector_file
 from tests.fixtures.scripts import run_in_process
 

@@ -59,7 +59,7 @@ def test_a_runtime_that_cannot_run_here_is_named(loaded: LoadedClassifier, monke
     missing = Runtime("gpuonly", "GPU Only", ("fp32",), ("cuda",), "gpu", ("no_such_module_xyz",), _uniform)
     monkeypatch.setitem(RUNTIMES, "gpuonly", missing)
     settings = ClassifySettings(backend="gpuonly", cache_dir=None)
-    with pytest.raises(ConfigError, match=r"^backend=gpuonly runs on the CUDA; use device=cuda or backend=torch"):
+    with pytest.raises(ConfigError, match=r"^backend=gpuonly: runs on CUDA only; use device=cuda or backend=torch"):
         resolve_backend(loaded, settings, crops=1)
     monkeypatch.setitem(
         RUNTIMES, "gpuonly", Runtime("gpuonly", "GPU Only", ("fp32",), (), "gpu", missing.modules, _uniform)
