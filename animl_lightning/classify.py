@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
-from animl_lightning.config_schemas import register_schemas
+from animl_lightning.cli import refuse_unknown_keys, run_command
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.core.smoothing import SmoothingOptions
 from animl_lightning.deploy.classify import ClassifySettings, run_classify
 from animl_lightning.deploy.classify_job import ClassifySummary
 from animl_lightning.deploy.int8_settings import Int8Settings
+from animl_lightning.hydra_entry import command_main
 
 
 def _required(cfg: DictConfig, key: str) -> Any:
@@ -63,10 +62,7 @@ def classify(cfg: DictConfig) -> ClassifySummary:
     return summary
 
 
-register_schemas("classify")
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="classify")
+@command_main("classify", "classify")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     run_command(lambda: classify(cfg), "classify")

@@ -311,6 +311,22 @@ def refuse_unknown_keys(cfg: DictConfig) -> None:
             raise ConfigError(_unknown_key_message(base, override.key_or_group, groups))
 
 
+def unknown_key_message(config_name: str, key: str, arguments: Sequence[str]) -> str | None:
+    """``<key>: unknown key; did you mean <nearest>?`` for a key Hydra refused to set (``split.val_fracc=0.3``), from
+    ``config_name`` composed with the group choices among the command line's ``arguments``; None when that cannot
+    be composed either (the choices themselves are wrong)."""
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
+        # What failed to compose may have left Hydra set up; nothing else needs it once the command is refused.
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            groups = set(compose(config_name, return_hydra_config=True).hydra.runtime.choices.keys())
+            base = _compose_without_keys(config_name, overrides, groups)
+    except Exception:
+        return None
+    return _unknown_key_message(_plain(base), key, groups)
+
+
 def _is_group_override(override: Override, groups: set[str]) -> bool:
     """Whether an override picks a config group option (``model=tiny``, ``+experiment=demo``), not a key."""
     key = override.key_or_group

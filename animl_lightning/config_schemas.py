@@ -57,5 +57,6 @@ def mutable_schema(settings: type[Any]) -> type[Any]:
         )
         for field in dataclasses.fields(settings)
     ]
-    schema: type[Any] = dataclasses.make_dataclass(f"{settings.__name__}Schema", fields)
+    # The same name: Hydra's errors name the class ("Key 'x' not in 'Int8Settings'").
+    schema: type[Any] = dataclasses.make_dataclass(settings.__name__, fields)
     return schema

@@ -12,13 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, require_extra, run_command
-from animl_lightning.config_schemas import register_schemas
+from animl_lightning.cli import refuse_unknown_keys, require_extra, run_command
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.deploy.export_formats import ExportJob, check_format
+from animl_lightning.hydra_entry import command_main
 
 
 def int8_table(report: dict[str, Any]) -> str:
@@ -66,10 +65,7 @@ def export(cfg: DictConfig) -> None:
     print(exported.summary)
 
 
-register_schemas("export")
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+@command_main("export", "export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     run_command(lambda: export(cfg), "export")

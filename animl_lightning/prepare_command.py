@@ -12,12 +12,11 @@ print the summary; errors become one line (:func:`animl_lightning.cli.run_comman
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, console_command, refuse_unknown_keys, run_command
-from animl_lightning.config_schemas import register_schemas
+from animl_lightning.cli import console_command, refuse_unknown_keys, run_command
 from animl_lightning.core.errors import ConfigError
+from animl_lightning.hydra_entry import command_main
 from animl_lightning.prepare.config import PrepareSettings
 from animl_lightning.prepare.pipeline import format_summary, run_prepare
 
@@ -36,10 +35,7 @@ def prepare(cfg: DictConfig) -> None:
     print(format_summary(run_prepare(settings_from_config(cfg), command=console_command() or "prepare.py")))
 
 
-register_schemas("prepare")
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")
+@command_main("prepare", "prepare.py")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     run_command(lambda: prepare(cfg), "prepare.py")

@@ -6,12 +6,11 @@ Settings: ``configs/report.yaml``. The Hydra edge only: the page is
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, run_command
-from animl_lightning.config_schemas import register_schemas
+from animl_lightning.cli import refuse_unknown_keys, run_command
 from animl_lightning.core.errors import require
+from animl_lightning.hydra_entry import command_main
 
 
 def report(cfg: DictConfig) -> None:
@@ -29,10 +28,7 @@ def report(cfg: DictConfig) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
-register_schemas("report")
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="report")
+@command_main("report", "report")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     run_command(lambda: report(cfg), "report")

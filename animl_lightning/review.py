@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, run_command
-from animl_lightning.config_schemas import register_schemas
 from animl_lightning.core.errors import require
+from animl_lightning.hydra_entry import command_main
 
 # The folds are fits of this package's train command. A checkout's train.py imports the package next to it (an
 # editable install of another checkout would answer `-m`); an installed package has only its module.
@@ -74,10 +73,7 @@ def _rebuild_report(run_dir: Path) -> None:
     print(f"rebuilt {path} with the label review section")
 
 
-register_schemas("review")
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="review")
+@command_main("review", "review")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     run_command(lambda: review(cfg), "review")

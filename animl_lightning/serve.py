@@ -6,11 +6,11 @@ Settings: ``configs/serve.yaml``. The Hydra edge only: the app is :func:`animl_l
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import CONFIG_DIR, refuse_unknown_keys, require_extra, run_command
+from animl_lightning.cli import refuse_unknown_keys, require_extra, run_command
 from animl_lightning.core.errors import require
+from animl_lightning.hydra_entry import command_main
 
 # What serve imports from the deploy extra (pyproject.toml).
 SERVE_MODULES = ("uvicorn", "fastapi", "onnxruntime")
@@ -42,7 +42,7 @@ def serve(cfg: DictConfig) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="serve")
+@command_main("serve", "serve")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     run_command(lambda: serve(cfg), "serve")

@@ -20,7 +20,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from lightning import Trainer, seed_everything
@@ -28,7 +27,6 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import (
-    CONFIG_DIR,
     apply_wandb_run_identity,
     checked_partial,
     console_command,
@@ -42,10 +40,10 @@ from animl_lightning.cli import (
     run_config,
     save_job_config,
 )
-from animl_lightning.config_schemas import register_schemas
 from animl_lightning.core.contract import read_crop_rule
 from animl_lightning.core.errors import require
 from animl_lightning.core.files import run_lock
+from animl_lightning.hydra_entry import command_main
 from animl_lightning.train.calibration import TemperatureCalibration
 from animl_lightning.train.checkpointing import AtomicCheckpointIO, read_checkpoint
 from animl_lightning.train.classifier import CropClassifier
@@ -161,10 +159,7 @@ def _train_in(stack: ExitStack, cfg: DictConfig, hydra_cfg: DictConfig | None, o
     return fit_and_evaluate(trainer, model, datamodule, settings)
 
 
-register_schemas("train")
-
-
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@command_main("train", "train.py")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point (see the module docstring)."""
     output_dir = str(cfg.paths.output_dir)

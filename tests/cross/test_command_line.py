@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ ENTRY_POINTS = {
     "export": "animl_lightning.export",
     "serve": "animl_lightning.serve",
     "report": "animl_lightning.report",
+    "review": "animl_lightning.review",
 }
 
 
@@ -137,6 +139,57 @@ def test_an_unknown_key_names_the_argument_or_group_meant(overrides: list[str], 
     with pytest.raises(ConfigError) as caught:
         refuse_unknown_keys(compose_config("train", overrides))
     assert expected in str(caught.value)
+
+
+# --- 4b. what Hydra refuses while composing: one line too ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "expected"),
+    [
+        (
+            "prepare.py",
+            ["split.val_frac=abc"],
+            "Error merging override split.val_frac=abc: Value 'abc' of type 'str' could not be converted to Float",
+        ),
+        ("prepare.py", ["split.val_fraction=0.3"], "split.val_fraction: unknown key; did you mean split.val_frac?"),
+        (
+            "train.py",
+            ["model=tiny", "model.drop_rat=0.1"],
+            "model.drop_rat: unknown key; did you mean model.drop_rate?",
+        ),
+        ("train.py", ["model=effnet_b9"], "Could not find 'model/effnet_b9' Available options in 'model': base, "),
+        ("classify", ["int8.min_agrement=0.5"], "int8.min_agrement: unknown key; did you mean int8.min_agreement?"),
+        ("export", ["precision==["], "Error parsing override 'precision==['"),
+        ("review", ["review.page_crops=lots"], "Error merging override review.page_crops=lots"),
+        ("report", ["report.tabel_rows=3"], "report.tabel_rows: unknown key; did you mean report.table_rows?"),
+        ("serve", ["bundel=B"], "bundel: unknown key; did you mean bundle?"),
+    ],
+)
+def test_what_hydra_refuses_while_composing_is_one_line(
+    command: str,
+    args: list[str],
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    status, stderr = run_main(command, args, monkeypatch, capsys)
+    assert status == 2
+    assert one_error_line(stderr, command).startswith(f"{command}: error: ")
+    assert expected in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    # The switch is put back: the next command (or a test) sees the environment it had.
+    assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+def test_hydra_full_error_keeps_hydras_own_report(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigCompositionException, match=r"split\.val_frac=abc"):
+        run_main("prepare.py", ["split.val_frac=abc"], monkeypatch, capsys)
 
 
 # --- 5. a second train.py on a running run's folder ------------------------------------------------------------

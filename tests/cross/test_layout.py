@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
 HYDRA_EDGE = {
     "cli.py",
     "config_schemas.py",
+    "hydra_entry.py",
     "hydra_callbacks.py",
     "prepare_command.py",
     "train_command.py",
