@@ -41,7 +41,21 @@ def command_main(config_name: str, command: str) -> Callable[[Callable[[DictConf
 
     def decorate(task: Callable[[DictConfig], T]) -> Callable[[], T | None]:
         register_schemas(config_name)
-        composed_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(task)
+
+        @functools.wraps(task)
+        def task_with_hydras_own_report(cfg: DictConfig) -> T:
+            # The switch is for composing only: the work itself (and every process it starts: DDP ranks, review
+            # folds, the detector) runs without it, so a bug keeps Hydra's trimmed traceback. Set again after a job
+            # that returned, for the next job of a sweep; left off after one that raised, for Hydra's report of it.
+            switched = os.environ.pop(FULL_ERROR_VARIABLE, None)
+            result = task(cfg)
+            if switched is not None:
+                os.environ[FULL_ERROR_VARIABLE] = switched
+            return result
+
+        composed_main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(
+            task_with_hydras_own_report
+        )
 
         @functools.wraps(task)
         def main() -> T | None:
@@ -58,10 +72,11 @@ def command_main(config_name: str, command: str) -> Callable[[Callable[[DictConf
 def one_line_composition_errors(config_name: str, command: str) -> Iterator[None]:
     """Hydra's composition errors inside this block as ``<command>: error: <message>`` and exit status 2; a key it
     refused to set is named with the nearest known one, as :func:`animl_lightning.cli.refuse_unknown_keys` does."""
-    if os.environ.get(FULL_ERROR_VARIABLE):
+    if os.environ.get(FULL_ERROR_VARIABLE) == "1":  # the user's own choice, as Hydra reads it
         yield
         return
     # Hydra prints its own report and exits unless this is set; then it raises, and the error can be put in one line.
+    before = os.environ.get(FULL_ERROR_VARIABLE)
     os.environ[FULL_ERROR_VARIABLE] = "1"
     try:
         yield
@@ -71,7 +86,10 @@ def one_line_composition_errors(config_name: str, command: str) -> Iterator[None
         print(f"{console_command() or command}: error: {message or composition_message(err)}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
     finally:
-        os.environ.pop(FULL_ERROR_VARIABLE, None)
+        if before is None:
+            os.environ.pop(FULL_ERROR_VARIABLE, None)
+        else:
+            os.environ[FULL_ERROR_VARIABLE] = before
 
 
 def composition_message(err: Exception) -> str:

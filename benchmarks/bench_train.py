@@ -204,6 +204,7 @@ def recipe_parts(recipe: str, data_dir: Path) -> tuple[Any, Any]:
     from hydra.utils import instantiate
 
     from animl_lightning.cli import CONFIG_DIR, checked_partial
+    from animl_lightning.config_schemas import register_schemas
 
     overrides = [
         f"recipe={recipe}",
@@ -214,6 +215,7 @@ def recipe_parts(recipe: str, data_dir: Path) -> tuple[Any, Any]:
         "data.num_workers=0",
         "data.batch_size=16",
     ]
+    register_schemas("train")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     datamodule = instantiate(cfg.data)

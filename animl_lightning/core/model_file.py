@@ -217,8 +217,8 @@ class DeployableModel:
         self.temperature  # noqa: B018 (validates the stored temperature)
         require(
             self.taxonomy is None or list(self.taxonomy.labels) == list(self.labels),
-            "key",
-            f"'{TAXONOMY_KEY}': lists other labels than class_names",
+            TAXONOMY_KEY,
+            "lists other labels than class_names",
         )
 
     @property

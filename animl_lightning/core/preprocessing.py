@@ -76,8 +76,8 @@ class EvalTransform:
         )
         require(
             len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0,
-            "preprocessing.mean",
-            f"and preprocessing.std need 3 values each (std > 0), got {self.mean!r}, {self.std!r}",
+            "preprocessing.mean/std",
+            f"need 3 values each (std > 0), got {self.mean!r}, {self.std!r}",
         )
 
     @classmethod

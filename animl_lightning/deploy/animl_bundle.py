@@ -46,7 +46,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from animl_lightning import __version__
-from animl_lightning.core.errors import ConfigError, require
+from animl_lightning.core.errors import ConfigError, ResourceError, require
 from animl_lightning.core.files import (
     TMP_MARKER,
     atomic_write_bytes,
@@ -206,12 +206,15 @@ def build_mar(staging: Path, model_id: str, version: str) -> Path:
     """Run ``torch-model-archiver`` over the TorchScript, the handler and its sources; return the ``.mar``.
 
     Raises:
-        ExportError: the archiver is not installed or fails.
+        ResourceError: the archiver is not installed.
+        ExportError: the archiver fails.
     """
     try:
         metadata.version("torch-model-archiver")
     except metadata.PackageNotFoundError as err:
-        raise ExportError("format=animl needs torch-model-archiver: pip install -e '.[deploy]'") from err
+        raise ResourceError(
+            'torch-model-archiver is not installed; install the deploy extra: pip install "animl-lightning[deploy]"'
+        ) from err
     extra = staging / "mar_extra"
     _copy_sources(CORE_SOURCES, extra)
     shutil.copy2(staging / BUNDLE_FILENAME, extra / BUNDLE_FILENAME)

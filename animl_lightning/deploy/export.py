@@ -193,7 +193,7 @@ def onnx_bytes(loaded: LoadedClassifier, dynamic_size: bool | None = None) -> tu
             )
         except Exception as error:
             errors.append(f"legacy exporter: {type(error).__name__}: {error}")
-            raise ExportError("onnx: export failed:\n  " + "\n  ".join(errors)) from error
+            raise ExportError(f"format=onnx: the model could not be exported ({' | '.join(errors)})") from error
         return buffer.getvalue(), want_size
 
 

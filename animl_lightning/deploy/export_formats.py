@@ -140,7 +140,9 @@ def check_format(export_format: str, precision: str) -> ExportFormat:
         raise ExportError(f"precision: must be one of {list(PRECISIONS)}, got {precision!r}")
     if precision not in entry.precisions:
         others = " or ".join(f"format={other.name}" for other in FORMATS.values() if precision in other.precisions)
-        raise ExportError(f"precision={precision} {PRECISION_NOTES[precision]}: use {others}, not {export_format}")
+        raise ExportError(
+            f"precision={precision}: {precision} {PRECISION_NOTES[precision]}: use {others}, not {export_format}"
+        )
     return entry
 
 
@@ -165,7 +167,7 @@ def export_classifier(
     """
     serialise = check_format(export_format, precision).serialise
     if serialise is None:
-        raise ExportError(f"format={export_format} writes a folder, not one model file")
+        raise ExportError(f"format={export_format}: writes a folder, not one model file")
     return write_model(loaded, export_format, serialise(loaded, precision, int8, cache), output, precision)
 
 

@@ -1,7 +1,7 @@
 """The ``int8.*`` settings of ``export`` and ``classify``: their keys and defaults, in one place.
 
 A module of its own, without torch or ONNX Runtime, so the commands can register it as the schema of their ``int8``
-block at start-up (:data:`animl_lightning.cli.SCHEMAS`).
+block at start-up (:data:`animl_lightning.config_schemas.SCHEMAS`).
 """
 
 from __future__ import annotations

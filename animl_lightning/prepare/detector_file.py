@@ -96,17 +96,20 @@ def pickle_globals(data: bytes) -> set[tuple[str, str]]:
     return found
 
 
+def _not_pytorch(path: Path) -> DetectorFileError:
+    return DetectorFileError(f"{KEY}: {path} is not a MegaDetector model (not a PyTorch .pt archive)")
+
+
 def _archive_pickle(path: Path) -> bytes:
     """The ``data.pkl`` of a PyTorch zip archive (the only format MegaDetector's loader reads)."""
-    not_pytorch = f"{KEY}: {path} is not a MegaDetector model (not a PyTorch .pt archive)"
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
             if len(names) != 1:
-                raise DetectorFileError(not_pytorch)
+                raise _not_pytorch(path)
             return archive.read(names[0])
     except (zipfile.BadZipFile, EOFError) as err:
-        raise DetectorFileError(not_pytorch) from err
+        raise _not_pytorch(path) from err
     except OSError as err:
         raise DetectorFileError(f"{KEY}: cannot read {path}: {err.strerror or err}") from err
 

@@ -294,8 +294,9 @@ def probe_endpoint(s3: S3Settings) -> None:
     except Exception as err:
         reason = network_failure(err)
         if reason is not None:
-            message = f"s3: cannot reach {_where(s3)}: {reason}; check s3.endpoint_url and the network"
-            raise ImagesError(message) from err
+            raise ImagesError(
+                f"s3: cannot reach {_where(s3)}: {reason}; check s3.endpoint_url and the network"
+            ) from err
 
 
 def _paths(images: pd.DataFrame, images_dir: Path, report: PrepareReport) -> list[Path | None]:

@@ -313,7 +313,7 @@ def _report_diagnosis(diagnosis: SplitDiagnosis, settings: SplitSettings, report
         log.warning("%s", warning)
         report.add(STAGE, "split_off_target", warning, field="split.val_frac", action="reported")
     if diagnosis.warnings and settings.strict:
-        raise SplitTargetError("split.strict=true: " + " | ".join(diagnosis.warnings))
+        raise SplitTargetError(f"split.strict=true: {' | '.join(diagnosis.warnings)}")
 
 
 def split_report(

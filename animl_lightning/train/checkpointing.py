@@ -253,10 +253,10 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | Path, filename: str = "last", every_n_epochs: int = 1) -> None:
         require(
             bool(filename) and "/" not in filename and not filename.endswith(".ckpt"),
-            "filename",
+            "callbacks.last_checkpoint.filename",
             f"must be a plain name without '/' or '.ckpt', got {filename!r}",
         )
-        require(every_n_epochs >= 1, "every_n_epochs", f"must be >= 1, got {every_n_epochs}")
+        require(every_n_epochs >= 1, "callbacks.last_checkpoint.every_n_epochs", f"must be >= 1, got {every_n_epochs}")
         super().__init__(
             dirpath=dirpath,
             filename=filename,

@@ -127,9 +127,8 @@ def render_gallery(
     sections: list[tuple[str, list[Tile]]], title: str, tile_size: int = 160, columns: int = 8
 ) -> Image.Image:
     """Draw titled sections of captioned tiles as one RGB image (an empty section says "none")."""
-    require(
-        tile_size >= 16 and columns >= 1, "tile_size", f"must be >= 16 and columns >= 1, got {tile_size}, {columns}"
-    )
+    if tile_size < 16 or columns < 1:
+        raise DataError(f"a gallery needs tiles of >= 16 px and >= 1 column, got {tile_size} px and {columns}")
     font_size = caption_font_size(tile_size)
     font, title_font = _font(font_size), _font(font_size + 4)
     line = font_size + 3

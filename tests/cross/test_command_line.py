@@ -15,7 +15,7 @@ from pathlib import Path
 import filelock
 import pytest
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import refuse_unknown_keys
 from animl_lightning.core.errors import ConfigError
@@ -180,6 +180,22 @@ def test_what_hydra_refuses_while_composing_is_one_line(
     assert expected in stderr and len(stderr.strip().splitlines()) == 1, stderr
     # The switch is put back: the next command (or a test) sees the environment it had.
     assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+def test_the_work_itself_runs_without_hydras_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HYDRA_FULL_ERROR is set only while composing: the work, and every process it starts (DDP ranks, review
+    folds), does not inherit it."""
+    from animl_lightning.hydra_entry import command_main
+
+    seen: list[str | None] = []
+
+    @command_main("serve", "serve")
+    def main(cfg: DictConfig) -> None:
+        seen.append(os.environ.get("HYDRA_FULL_ERROR"))
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert run_in_process(main, ["serve", "bundle=B"], monkeypatch) == 0
+    assert seen == [None] and "HYDRA_FULL_ERROR" not in os.environ
 
 
 def test_hydra_full_error_keeps_hydras_own_report(

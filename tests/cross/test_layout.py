@@ -213,7 +213,7 @@ def test_every_error_says_what_the_user_must_do() -> None:
 
 # A setting as it is written on the command line (classify.batch_size, backend=gpu, <root>), possibly with
 # f-string fields standing for a part of it (data.{key}).
-SETTING_KEY = r"(\{[^}]+\}|<root>|[A-Za-z_][\w.\[\]=-]*)([\w.]*\{[^}]+\}[\w.]*)*"
+SETTING_KEY = r"(\{[^}]+\}|<root>|(?!key:)[A-Za-z_][\w./\[\]=-]*)([\w.]*\{[^}]+\}[\w.]*)*"
 
 
 def _template(node: ast.expr) -> str | None:
@@ -230,14 +230,31 @@ def _template(node: ast.expr) -> str | None:
     return None
 
 
+def _subclass_names(cls: type) -> set[str]:
+    return {cls.__name__}.union(*(_subclass_names(sub) for sub in cls.__subclasses__()))
+
+
+def _import_every_module() -> None:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        importlib.import_module(
+            "animl_lightning." + path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
+        )
+
+
+_import_every_module()
+# ConfigError and every error class built on it (ExportError, QuantizationError, ...): each says "fix a setting".
+SETTINGS_ERRORS = _subclass_names(errors.ConfigError)
+
+
 def _settings_errors() -> Iterator[tuple[str, str, str | None]]:
-    """(where, kind, message template) of every ``ConfigError(...)`` and ``require(...)`` in the package."""
+    """(where, kind, message template) of every settings error raised (:data:`SETTINGS_ERRORS`) and every
+    ``require(...)`` in the package."""
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
                 continue
             where = f"{path.relative_to(PACKAGE)}:{node.lineno}"
-            if node.func.id == "ConfigError" and node.args:
+            if node.func.id in SETTINGS_ERRORS and node.args:
                 yield where, "raise", _template(node.args[0])
             elif node.func.id == "require" and len(node.args) == 3:
                 key, message = _template(node.args[1]), _template(node.args[2])
@@ -272,3 +289,4 @@ def test_the_settings_error_rule_sees_a_message_without_a_key() -> None:
     assert pattern.match("{group}.{name}: expected a config with a _target_")
     assert not pattern.match("classify.batch_size must be >= 1, got 0")
     assert not pattern.match("predictions table lacks columns {missing}")
+    assert not pattern.match("key: 'taxonomy': lists other labels")  # a key must be a setting's name

@@ -144,7 +144,7 @@ def test_a_new_format_is_one_registry_entry(
     args = [f"checkpoint={calibrated_checkpoint}", "format=fake", f"output={output}", "precision=int8"]
     assert _main(args, monkeypatch) == 2
     assert len(jobs) == 1
-    assert "precision=int8 is made with ONNX Runtime: use format=onnx or format=animl, not fake" in "".join(
+    assert "precision=int8: int8 is made with ONNX Runtime: use format=onnx or format=animl, not fake" in "".join(
         capsys.readouterr()
     )
 
@@ -183,6 +183,6 @@ def test_the_format_error_lists_every_registered_format(monkeypatch: pytest.Monk
 def test_a_folder_format_is_not_a_model_file(calibrated_checkpoint: Path, tmp_path: Path) -> None:
     from animl_lightning.deploy.export import ExportError
 
-    with pytest.raises(ExportError, match=r"^format=animl writes a folder, not one model file$"):
+    with pytest.raises(ExportError, match=r"^format=animl: writes a folder, not one model file$"):
         export_checkpoint(calibrated_checkpoint, "animl", tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()

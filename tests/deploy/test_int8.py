@@ -133,7 +133,7 @@ def test_torchscript_has_no_int8(
 ) -> None:
     args = [f"checkpoint={dataset_checkpoint}", f"output={tmp_path / 'm.pt'}", "format=torchscript", "precision=int8"]
     assert _run("export", args, monkeypatch) == 2
-    assert "precision=int8 is made with ONNX Runtime: use format=onnx or format=animl" in capsys.readouterr().err
+    assert "precision=int8: int8 is made with ONNX Runtime: use format=onnx or format=animl" in capsys.readouterr().err
 
 
 def test_classify_int8_from_the_cache(

@@ -56,6 +56,9 @@ def test_defaults_and_the_readme_command_compose(tmp_path: Path) -> None:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from animl_lightning.config_schemas import register_schemas
+
+    register_schemas("train")  # what train.py does before Hydra composes
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = hydra_compose("train", overrides=["model=effnet_b3", "trainer.devices=1"])
     assert cfg.model.model_name == "efficientnet_b3" and cfg.model.pretrained is True
