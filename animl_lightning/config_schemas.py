@@ -38,6 +38,12 @@ def register_schemas(config_name: str) -> None:
         store.store(name=schema_name, node=mutable_schema(getattr(importlib.import_module(module), name)))
 
 
+def register_all_schemas() -> None:
+    """Store every schema any config names: what composing a config by hand (a notebook) needs first."""
+    for config_name in SCHEMAS:
+        register_schemas(config_name)
+
+
 def mutable_schema(settings: type[Any]) -> type[Any]:
     """``settings`` itself, or for a frozen dataclass a mutable one with the same fields, types and defaults.
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,3 +129,22 @@ def test_classify_blocks_without_a_schema_say_the_settings_defaults() -> None:
     for key, value in composed["smoothing"].items():
         expected = getattr(smoothing, key)
         assert (list(expected) if isinstance(expected, tuple) else expected) == value, f"smoothing.{key}"
+
+
+def test_composing_by_module_needs_no_registration_first(tmp_path: Path) -> None:
+    """The README's notebook way in: Hydra imports animl_lightning.configs, which registers every schema."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import animl_lightning.configs"], cwd=tmp_path, capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        pytest.skip("animl_lightning.configs is importable only once installed (pip install -e .)")
+    notebook = (
+        "from hydra import compose, initialize_config_module\n"
+        "with initialize_config_module('animl_lightning.configs', version_base='1.3'):\n"
+        "    for name in ('train', 'prepare', 'classify', 'export', 'review', 'report'):\n"
+        "        cfg = compose(name)\n"
+        "    print(compose('train').thresholds.target_precision, compose('export').int8.min_agreement)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", notebook], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0.95", "0.99"]

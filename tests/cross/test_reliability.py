@@ -270,7 +270,7 @@ def test_a_failed_sweep_job_is_a_failed_row_and_the_sweep_goes_on(data_dir: Path
     assert "1 of 2 sweep jobs failed" in result.stderr
     summary = pd.read_csv(sweep / "sweep_summary.csv")
     assert summary["status"].tolist() == ["FAILED", "COMPLETED"]
-    assert "data.batch_size must be >= 1" in summary.loc[0, "error"]
+    assert "data.batch_size: must be >= 1" in summary.loc[0, "error"]
     assert (sweep / "1" / "metrics" / "per_label.csv").is_file()  # the job after the failed one ran
 
 
