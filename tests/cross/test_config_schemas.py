@@ -131,6 +131,7 @@ def test_classify_blocks_without_a_schema_say_the_settings_defaults() -> None:
         assert (list(expected) if isinstance(expected, tuple) else expected) == value, f"smoothing.{key}"
 
 
+@pytest.mark.slow  # a fresh interpreter composing every config: about 20 s
 def test_composing_by_module_needs_no_registration_first(tmp_path: Path) -> None:
     """The README's notebook way in: Hydra imports animl_lightning.configs, which registers every schema."""
     probe = subprocess.run(
