@@ -167,13 +167,11 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def console_command() -> str | None:
-    """The console command (``animl-train``, ...) this process was started as, else None.
-
-    Its error lines then begin with the name the user typed rather than the script's (``train.py``).
-    """
+def command_name(script: str) -> str:
+    """The name the user typed for this command: the console command (``animl-train``, ...) this process was
+    started as, else ``script`` (``train.py``, ``classify``). Error lines and lock refusals begin with it."""
     started_as = Path(sys.argv[0]).name if sys.argv else ""
-    return started_as if started_as.startswith("animl-") else None
+    return started_as if started_as.startswith("animl-") else script
 
 
 def run_command(
@@ -187,12 +185,12 @@ def run_command(
     Args:
         task: the work.
         command: the command's name, first word of every error line (``train.py``, ``classify``, ...), unless the
-            process was started as a console command (:func:`console_command`).
+            process was started as a console command (:func:`command_name`).
         output_dir: the job's folder, where a failed sweep job records its failure.
         resume_hint: what to say after Ctrl-C when running the same command again is not how to resume.
     """
     quiet_library_noise()
-    command = console_command() or command
+    command = command_name(command)
     try:
         return task()
     except InterruptedWork as err:

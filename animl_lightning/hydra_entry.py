@@ -22,7 +22,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from animl_lightning.cli import CONFIG_DIR, EXIT_ERROR, console_command, unknown_key_message
+from animl_lightning.cli import CONFIG_DIR, EXIT_ERROR, command_name, unknown_key_message
 from animl_lightning.config_schemas import register_schemas
 
 T = TypeVar("T")
@@ -83,7 +83,7 @@ def one_line_composition_errors(config_name: str, command: str) -> Iterator[None
     except COMPOSITION_ERRORS as err:
         refused = re.match(r"Could not override '([^']+)'", str(err))
         message = refused and unknown_key_message(config_name, refused.group(1), sys.argv[1:])
-        print(f"{console_command() or command}: error: {message or composition_message(err)}", file=sys.stderr)
+        print(f"{command_name(command)}: error: {message or composition_message(err)}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
     finally:
         if before is None:

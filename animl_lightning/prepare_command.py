@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from animl_lightning.cli import console_command, refuse_unknown_keys, run_command
+from animl_lightning.cli import command_name, refuse_unknown_keys, run_command
 from animl_lightning.core.errors import ConfigError
 from animl_lightning.hydra_entry import command_main
 from animl_lightning.prepare.config import PrepareSettings
@@ -32,7 +32,7 @@ def settings_from_config(cfg: DictConfig) -> PrepareSettings:
 def prepare(cfg: DictConfig) -> None:
     """Validate the config, run the stages, print the summary."""
     refuse_unknown_keys(cfg)
-    print(format_summary(run_prepare(settings_from_config(cfg), command=console_command() or "prepare.py")))
+    print(format_summary(run_prepare(settings_from_config(cfg), command=command_name("prepare.py"))))
 
 
 @command_main("prepare", "prepare.py")

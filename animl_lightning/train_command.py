@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from animl_lightning.cli import (
     apply_wandb_run_identity,
     checked_partial,
-    console_command,
+    command_name,
     ddp_children_rerun_this_job,
     hydra_config,
     instantiate_named,
@@ -111,7 +111,7 @@ def train(cfg: DictConfig) -> float | None:
         if process_rank(os.environ) == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
             # One process writes a run folder, and writes nothing there before it holds it: a second train.py on a
             # running run's folder is refused before it touches that run's .hydra/ (DDP ranks are not refused).
-            stack.enter_context(run_lock(output_dir, console_command() or "train.py"))
+            stack.enter_context(run_lock(output_dir, command_name("train.py")))
             save_job_config(cfg, hydra_cfg, output_dir)
         return _train_in(stack, cfg, hydra_cfg, output_dir)
 
