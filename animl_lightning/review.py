@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR, run_command
-from animl_lightning.core.errors import require
+from animl_lightning.core.errors import require, require_known_keys
 from animl_lightning.hydra_entry import command_main
 
 # The folds are fits of this package's train command. A checkout's train.py imports the package next to it (an
@@ -37,9 +37,7 @@ def review(cfg: DictConfig) -> None:
         "must be set to a train.py run folder (e.g. run_dir=outputs/train/DATE/TIME)",
     )
     values: Any = OmegaConf.to_container(cfg.review, resolve=True)
-    known = set(ReviewSettings.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    require(not unknown, "review", f"unknown key(s) {unknown}; known: {sorted(known)}")
+    require_known_keys(values, ReviewSettings.__dataclass_fields__, "review")
     settings = ReviewSettings(**values)
     run = load_run_predictions(str(cfg.run_dir))
     train_frames = None

@@ -10,6 +10,8 @@ run). The first two also derive from ``ValueError``, so callers that caught that
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class AnimlError(Exception):
     """Base of every error raised for bad input; the message names the file, record and field (or the setting)."""
@@ -27,6 +29,13 @@ def require(condition: bool, key: str, message: str) -> None:
     """The settings check of every typed constructor: ``ConfigError("<key>: <message>")`` unless ``condition``."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def require_known_keys(values: Iterable[str], known: Iterable[str], key: str, what: str = "key") -> None:
+    """A settings block read from a mapping names only ``known`` keys: ``<key>: unknown key(s) [...]; known: [...]``."""
+    known = sorted(known)
+    unknown = sorted(set(values) - set(known))
+    require(not unknown, key, f"unknown {what}(s) {unknown}; known: {known}")
 
 
 class InputFileError(AnimlError, ValueError):

@@ -25,7 +25,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from animl_lightning.core.errors import require
+from animl_lightning.core.errors import require, require_known_keys
 
 SMOOTHING_LEVELS = ("none", "image", "sequence")
 
@@ -61,9 +61,7 @@ class SmoothingOptions:
     def from_mapping(cls, values: dict[str, Any] | None) -> SmoothingOptions:
         """From a config mapping (lists become tuples); unknown keys are named."""
         values = dict(values or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        require(not unknown, "smoothing", f"unknown option(s) {unknown}; known: {sorted(known)}")
+        require_known_keys(values, cls.__dataclass_fields__, "smoothing", what="option")
         for key in ("other_category_names", "detection_category_names_to_smooth"):
             if key in values:
                 values[key] = tuple(str(v) for v in values[key])

@@ -41,7 +41,7 @@ import pandas as pd
 import yaml
 
 from animl_lightning.core.contract import SPLIT_NAMES, crop_groups, load_prepared_dataset
-from animl_lightning.core.errors import AnimlError, InputFileError, require
+from animl_lightning.core.errors import AnimlError, InputFileError, require, require_known_keys
 from animl_lightning.core.files import atomic_write_text
 from animl_lightning.core.taxonomy import RANKS
 from animl_lightning.train.checkpointing import read_checkpoint
@@ -117,9 +117,7 @@ class ReportSettings:
 def report_settings(values: Any) -> ReportSettings | None:
     """From the ``report`` config block (None when ``enabled: false``); an unknown key is named."""
     raw = dict(values or {})
-    known = sorted(ReportSettings.__dataclass_fields__)
-    unknown = sorted(set(raw) - set(known))
-    require(not unknown, "report", f"unknown key(s) {unknown}; known: {known}")
+    require_known_keys(raw, ReportSettings.__dataclass_fields__, "report")
     sizes = {key: int(value) for key, value in raw.items() if key != "enabled"}
     settings = ReportSettings(enabled=bool(raw.get("enabled", True)), **sizes)
     return settings if settings.enabled else None

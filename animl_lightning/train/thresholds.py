@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from animl_lightning.core.errors import ConfigError, require
+from animl_lightning.core.errors import ConfigError, require, require_known_keys
 from animl_lightning.core.taxonomy import RANKS, Taxonomy
 from animl_lightning.train.scores import confusion_of, per_label_table
 
@@ -78,9 +78,7 @@ class ThresholdSettings:
     def from_mapping(cls, values: Any) -> ThresholdSettings:
         """From the ``thresholds`` config block; an unknown key is named."""
         values = dict(values or {})
-        known = sorted(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - set(known))
-        require(not unknown, "thresholds", f"unknown key(s) {unknown}; known: {known}")
+        require_known_keys(values, cls.__dataclass_fields__, "thresholds")
         if values.get("target_precision") is not None:
             values["target_precision"] = float(values["target_precision"])
         if "min_support" in values:
