@@ -120,7 +120,7 @@ def _train_in(stack: ExitStack, cfg: DictConfig, hydra_cfg: DictConfig | None, o
     """The work of :func:`train` once the run folder is this process's; ``stack`` closes what the run opens."""
     if not cfg.train and cfg.ckpt_path and not overridden("data_dir"):
         cfg.data_dir = checkpoint_data_dir(cfg.ckpt_path) or cfg.data_dir
-    require(cfg.get("data_dir"), "data_dir", "must be set to a prepare.py output folder")
+    require(bool(cfg.get("data_dir")), "data_dir", "must be set to a prepare.py output folder")
     seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: CropDataModule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
