@@ -34,8 +34,14 @@ def register_schemas(config_name: str) -> None:
     """Store the schemas ``configs/<config_name>.yaml`` names (none for a config without any)."""
     store = ConfigStore.instance()
     for schema_name, target in SCHEMAS.get(config_name, ()):
-        module, _, name = target.partition(":")
-        store.store(name=schema_name, node=mutable_schema(getattr(importlib.import_module(module), name)))
+        store.store(name=schema_name, node=mutable_schema(settings_class(target)))
+
+
+def settings_class(target: str) -> type[Any]:
+    """The class a :data:`SCHEMAS` entry names (``"module:class"``), imported now."""
+    module, _, name = target.partition(":")
+    cls: type[Any] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def register_all_schemas() -> None:

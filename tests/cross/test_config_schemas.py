@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from animl_lightning.cli import CONFIG_DIR
-from animl_lightning.config_schemas import SCHEMAS, mutable_schema
+from animl_lightning.config_schemas import SCHEMAS, mutable_schema, settings_class
 from animl_lightning.train.report import ReportSettings
 from tests.fixtures.hydra import compose_config
-
-
-def _settings(target: str) -> type[Any]:
-    module, _, name = target.partition(":")
-    cls: type[Any] = getattr(importlib.import_module(module), name)
-    return cls
 
 
 def _package(config_name: str, schema_name: str) -> str:
@@ -60,7 +53,7 @@ def test_the_yaml_file_repeats_no_default_of_its_schema(config_name: str, schema
     raw = yaml.safe_load((CONFIG_DIR / f"{config_name}.yaml").read_text(encoding="utf-8"))
     package = _package(config_name, schema_name)
     block = raw if not package else raw.get(package, {})
-    assert _repeated(block or {}, _defaults(_settings(target))) == []
+    assert _repeated(block or {}, _defaults(settings_class(target))) == []
 
 
 @pytest.mark.parametrize(("config_name", "schema_name", "target"), SCHEMA_ENTRIES)
@@ -69,7 +62,7 @@ def test_the_composed_config_has_every_default_of_its_schema(config_name: str, s
     composed = compose_config(config_name, set_hydra=False)
     block = OmegaConf.to_container(composed[package] if package else composed, resolve=False)
     assert isinstance(block, dict)
-    for key, default in _defaults(_settings(target)).items():
+    for key, default in _defaults(settings_class(target)).items():
         if isinstance(default, dict):
             continue
         assert key in block, f"{config_name}: {package or '<root>'} lacks {key}"
