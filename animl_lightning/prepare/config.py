@@ -73,8 +73,8 @@ class DetectionSettings:
 class DetectorSettings:
     """MegaDetector run by prepare itself on the images that need boxes (``detector.*``); null model: none is run.
 
-    MegaDetector run by prepare (the detect stage) on every image that needs detector boxes: no ground-truth box, one
-    category other than empty, not listed in detections_file. Results: <output_dir>/megadetector_results.json (format
+    The detect stage runs it on every image that needs detector boxes: no ground-truth box, one category other than
+    empty, not listed in detections_file. Results: <output_dir>/megadetector_results.json (format
     1.6), used like a detections_file; a rerun reuses them, a killed run resumes from its checkpoint. Needs the detect
     extra (README). The model file is unpickled with torch.load(weights_only=False): name only files you trust.
     """
@@ -152,8 +152,8 @@ class LabelSettings:
 
     # old-format label_spec.json (dataset_labels, exclude, max_count, prioritize)
     spec_file: str | None = None
-    # Empty means "not set": OmegaConf cannot merge a command-line dict into an Optional[Dict] that is None. inline {CCT
-    # category name: output label}; unnamed categories are dropped
+    # inline {CCT category name: output label}; unnamed categories are dropped. Empty means "not set": OmegaConf
+    # cannot merge a command-line dict into an Optional[Dict] that is None.
     map: dict[str, str] = field(default_factory=dict)
     # categories never used as labels (default mapping only)
     exclude: list[str] = field(default_factory=lambda: ["empty"])
@@ -286,11 +286,10 @@ class DemoSettings:
 class FolderSettings:
     """Images sorted into one folder per label, read instead of a CCT export (``folders.*``).
 
-    Instead of coco_file: images sorted into one folder per label (Species/photo.jpg, Station/Species/photo.jpg).
-    prepare derives a CCT file from the tree (<output_dir>/folders_cct.json: one whole-image box per image, or none with
-    detections_file or detector.model_file, whose boxes are then used; datetime from EXIF DateTimeOriginal) and runs
-    every stage on it as on an Animl export with images_dir=folders.root. Unusable files and empty folders are listed in
-    the report.
+    Species/photo.jpg or Station/Species/photo.jpg. prepare derives a CCT file from the tree
+    (<output_dir>/folders_cct.json: one whole-image box per image, or none with detections_file or detector.model_file,
+    whose boxes are then used; datetime from EXIF DateTimeOriginal) and runs every stage on it as on an Animl export
+    with images_dir=folders.root. Unusable files and empty folders are listed in the report.
     """
 
     # the tree; an image's label is the name of the folder it is in
