@@ -6,6 +6,7 @@ import ast
 import importlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -40,6 +41,14 @@ HYDRA_EDGE = {
 def modules() -> Iterator[tuple[Path, ast.Module]]:
     for path in sorted(PACKAGE.rglob("*.py")):
         yield path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def package_modules() -> Iterator[ModuleType]:
+    """Every module of the package, imported."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield importlib.import_module(
+            "animl_lightning." + path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
+        )
 
 
 def imported(tree: ast.Module) -> Iterator[str]:
@@ -198,10 +207,7 @@ def test_every_error_says_what_the_user_must_do() -> None:
     """Each error class is in one of the three groups of core/errors.py: fix a setting, fix an input file or record,
     free or reach a resource."""
     groups = (errors.ConfigError, errors.InputFileError, errors.ResourceError)
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = importlib.import_module(
-            "animl_lightning." + path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
-        )
+    for module in package_modules():
         for name, cls in vars(module).items():
             if not (isinstance(cls, type) and issubclass(cls, errors.AnimlError)) or cls.__module__ != module.__name__:
                 continue
@@ -234,16 +240,15 @@ def _subclass_names(cls: type) -> set[str]:
     return {cls.__name__}.union(*(_subclass_names(sub) for sub in cls.__subclasses__()))
 
 
-def _import_every_module() -> None:
-    for path in sorted(PACKAGE.rglob("*.py")):
-        importlib.import_module(
-            "animl_lightning." + path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
-        )
+def _settings_error_names() -> set[str]:
+    """ConfigError and every error class built on it (ExportError, QuantizationError, ...): each says "fix a
+    setting". A subclass exists once its module is imported, so every module is."""
+    for _module in package_modules():
+        pass
+    return _subclass_names(errors.ConfigError)
 
 
-_import_every_module()
-# ConfigError and every error class built on it (ExportError, QuantizationError, ...): each says "fix a setting".
-SETTINGS_ERRORS = _subclass_names(errors.ConfigError)
+SETTINGS_ERRORS = _settings_error_names()
 
 
 def _settings_errors() -> Iterator[tuple[str, str, str | None]]:
